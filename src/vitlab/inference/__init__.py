@@ -1,0 +1,1 @@
+"""Aggregation strategies that turn per-tile predictions into plot-level species sets."""

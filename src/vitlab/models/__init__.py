@@ -1,0 +1,1 @@
+"""Backbones, feature reducers and heads."""

@@ -1,0 +1,242 @@
+"""The PlantCLEF pipeline behind `train.py` and `infer.py`: config in, summary out.
+
+train: (generate) -> prepare -> embed -> fit -> predict -> score
+infer: checkpoint (+ its backbone and features) -> predict -> score
+All components are built and validated before the first stage runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from vitlab.config import (
+    ConfigError,
+    instantiate_node,
+    require_choice,
+    require_positive,
+    to_container,
+)
+from vitlab.data.plantclef import list_test_images, read_submission, write_submission
+from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef, is_complete
+from vitlab.stages.embed import embed_prepared
+from vitlab.stages.fit import fit_head, load_splits, read_label_map, write_label_map
+from vitlab.stages.predict import (
+    BackboneClassifierPredictor,
+    EmbeddingHeadPredictor,
+    Predictor,
+    predict_quadrats,
+)
+from vitlab.stages.prepare import PrepareParams, prepare_training_images
+from vitlab.stages.score import per_plot_rows, plot_per_species_f1
+from vitlab.tasks.classification import OPTIMIZERS, EmbeddingClassifier
+from vitlab.tracking import WANDB_MODES, RunTracker, write_json
+
+log = logging.getLogger(__name__)
+PREDICTORS = ("head", "backbone_classifier")
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need no work; components validate their own arguments on instantiation."""
+    require_choice(cfg, "predictor", PREDICTORS)
+    require_choice(cfg, "head.optimizer", OPTIMIZERS)
+    require_choice(cfg, "fit.mode", ("min", "max"))
+    require_positive(cfg, "head.lr", "head.batch_size", "embed.batch_size", "predict.batch_size",
+                     "predict.quadrats_per_batch", "dataset.min_images_per_species")  # fmt: skip
+    if cfg.logger and cfg.logger.get("wandb"):
+        require_choice(cfg, "logger.wandb.mode", WANDB_MODES)
+    if "NLLLoss" in str(cfg.loss.get("_target_", "")) and not cfg.head.model.get("log_softmax"):
+        raise ConfigError("loss=nll expects log-probabilities: set head.model.log_softmax=true "
+                          "or use loss=ce")  # fmt: skip
+
+
+def ensure_dataset(dataset: DictConfig) -> None:
+    """Generate the synthetic dataset on first use; real datasets must exist."""
+    synthetic = dataset.get("synthetic")
+    if synthetic and not is_complete(dataset.root):
+        log.info("generating synthetic PlantCLEF data in %s", dataset.root)
+        generate_plantclef(dataset.root, PlantClefSyntheticSpec(**to_container(synthetic)))
+    if not Path(dataset.root).is_dir():
+        raise ConfigError(f"dataset.root={dataset.root} is not a folder")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    path = Path(cfg.paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    backbone = instantiate_node(cfg.backbone, "backbone")
+    features = instantiate_node(cfg.features, "features")
+    strategy = instantiate_node(cfg.inference, "inference")
+    prepare_params = _prepare_params(cfg)
+    ensure_dataset(cfg.dataset)
+    test_images = list_test_images(cfg.dataset.test_images_dir)
+    run_dir = run_dir_of(cfg)
+    timer = StageTimer()
+    summary: dict[str, Any] = {"task": "train", "run_dir": str(run_dir), "cache_keys": {}}
+    tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
+    try:
+        if cfg.predictor == "backbone_classifier":
+            predictor: Predictor = BackboneClassifierPredictor(backbone)
+        else:
+            with timer.stage("prepare"):
+                prepared = prepare_training_images(cfg.dataset.metadata_csv,
+                                                   cfg.dataset.train_images_dir,
+                                                   cfg.paths.cache_dir, prepare_params)  # fmt: skip
+            with timer.stage("embed"):
+                embedded = embed_prepared(prepared, backbone, features, cfg.paths.cache_dir,
+                                          cfg.embed.batch_size)  # fmt: skip
+            summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
+            summary["prepare_report"] = prepared.manifest.get("report", {})
+            with timer.stage("fit"):
+                splits = load_splits(embedded, cfg.dataset.min_images_per_species)
+                summary["fit_data"] = splits.report
+                result = _fit(cfg, splits, backbone, features, tracker, run_dir, summary)
+            predictor = EmbeddingHeadPredictor(backbone, features, result.module.head,
+                                               result.module.species_ids)  # fmt: skip
+        _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer,
+                           summary)  # fmt: skip
+    finally:
+        summary["stage_seconds"] = timer.seconds
+        write_json(run_dir / "summary.json", summary)
+        tracker.finish()
+    log.info("summary: %s", run_dir / "summary.json")
+    return summary
+
+
+def _prepare_params(cfg: DictConfig) -> PrepareParams:
+    try:
+        return PrepareParams(**to_container(cfg.prepare))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"prepare: {err}") from err
+
+
+def _fit(cfg: DictConfig, splits, backbone, features, tracker: RunTracker, run_dir: Path,
+         summary: dict[str, Any]):  # fmt: skip
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    context = {
+        "backbone": to_container(cfg.backbone),
+        "features": to_container(cfg.features),
+        "prepare": to_container(cfg.prepare),
+        "cache_keys": summary["cache_keys"],
+    }
+    module = EmbeddingClassifier(
+        head=to_container(cfg.head.model), loss=to_container(cfg.loss), in_features=splits.dim,
+        species_ids=splits.species_ids, optimizer=cfg.head.optimizer, lr=cfg.head.lr,
+        weight_decay=cfg.head.weight_decay, context=context,
+    )  # fmt: skip
+    has_val = len(splits.y["val"]) > 0
+    monitor = cfg.fit.monitor if has_val else "train/loss"
+    mode = cfg.fit.mode if has_val else "min"
+    checkpoint_dir = run_dir / "checkpoints"
+    callbacks = [ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=monitor,
+                                 mode=mode, save_last=True, save_top_k=1)]  # fmt: skip
+    if cfg.fit.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode,
+                                       patience=cfg.fit.early_stopping_patience))  # fmt: skip
+    trainer = instantiate_node(cfg.trainer, "trainer", callbacks=callbacks,
+                               logger=tracker.loggers, default_root_dir=str(run_dir))  # fmt: skip
+    result = fit_head(splits, module, trainer, cfg.head.batch_size, checkpoint_dir)
+    if result.last_checkpoint:
+        write_label_map(result.last_checkpoint.parent, splits.species_ids)
+    summary["best_checkpoint"] = str(result.best_checkpoint)
+    summary["fit_metrics"] = result.metrics
+    tracker.log_metrics({f"final/{k}": v for k, v in result.metrics.items()})
+    return result
+
+
+def _predict_and_score(cfg: DictConfig, predictor: Predictor, strategy, test_images, run_dir,
+                       tracker: RunTracker, timer: StageTimer, summary: dict[str, Any]) -> None:  # fmt: skip
+    with timer.stage("predict"):
+        result = predict_quadrats(test_images, strategy, predictor, cfg.predict.batch_size,
+                                  cfg.predict.quadrats_per_batch, cfg.predict.center_crop)  # fmt: skip
+    submission = write_submission(result.predictions, run_dir / "submission.csv")
+    summary["submission"] = str(submission)
+    summary["predict_report"] = result.report()
+    summary["inference"] = to_container(cfg.inference)
+    truth_path = cfg.dataset.get("test_ground_truth")
+    if truth_path and Path(truth_path).is_file():
+        with timer.stage("score"):
+            from vitlab.metrics.plantclef import plantclef_scores
+
+            truth = read_submission(truth_path)
+            scores = plantclef_scores(truth, result.predictions)
+            summary["scores"] = scores
+            write_json(run_dir / "scores.json", scores)
+            tracker.log_metrics({f"test/{k}": v for k, v in scores.items()})
+            tracker.log_table("per_plot_predictions", ["plot_id", "truth", "prediction", "f1"],
+                              per_plot_rows(truth, result.predictions))  # fmt: skip
+            chart = plot_per_species_f1(truth, result.predictions, run_dir / "per_species_f1.png")
+            tracker.log_image("per_species_f1", chart)
+        log.info("scores: %s", scores)
+    else:
+        log.info("no test ground truth at %s: submission written, not scored", truth_path)
+
+
+def infer(cfg: DictConfig) -> dict[str, Any]:
+    """Predict (and score) with a trained checkpoint, or with the backbone's own classifier."""
+    require_choice(cfg, "predictor", PREDICTORS)
+    require_positive(cfg, "predict.batch_size", "predict.quadrats_per_batch")
+    strategy = instantiate_node(cfg.inference, "inference")
+    if cfg.predictor == "head":
+        if not cfg.get("ckpt_path"):
+            raise ConfigError("ckpt_path is required with predictor=head (a checkpoint written "
+                              "by train.py, e.g. outputs/.../checkpoints/best.ckpt)")  # fmt: skip
+        predictor: Predictor = load_head_predictor(Path(cfg.ckpt_path))
+    else:
+        predictor = BackboneClassifierPredictor(instantiate_node(cfg.backbone, "backbone"))
+    ensure_dataset(cfg.dataset)
+    test_images = list_test_images(cfg.dataset.test_images_dir)
+    run_dir = run_dir_of(cfg)
+    timer = StageTimer()
+    summary: dict[str, Any] = {"task": "infer", "run_dir": str(run_dir),
+                               "checkpoint": cfg.get("ckpt_path")}  # fmt: skip
+    tracker = RunTracker(cfg.logger, run_dir, "infer", cfg)
+    try:
+        _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer,
+                           summary)  # fmt: skip
+    finally:
+        summary["stage_seconds"] = timer.seconds
+        write_json(run_dir / "summary.json", summary)
+        tracker.finish()
+    return summary
+
+
+def load_head_predictor(checkpoint: Path) -> EmbeddingHeadPredictor:
+    """Rebuild backbone, features and head exactly as they were at training time."""
+    if not checkpoint.is_file():
+        raise ConfigError(f"ckpt_path={checkpoint} does not exist")
+    module = EmbeddingClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    module.eval()
+    context = module.hparams.context or {}
+    label_map = read_label_map(checkpoint)
+    if label_map is not None and label_map != module.species_ids:
+        raise ConfigError(f"{checkpoint}: label_map.json beside it disagrees with the checkpoint")
+    backbone = instantiate_node(OmegaConf.create(context["backbone"]), "checkpoint backbone")
+    features = instantiate_node(OmegaConf.create(context["features"]), "checkpoint features")
+    return EmbeddingHeadPredictor(backbone, features, module.head, module.species_ids)

@@ -1,0 +1,1 @@
+"""The pipeline's stages: prepare -> embed -> fit -> predict -> score (see DESIGN.md)."""

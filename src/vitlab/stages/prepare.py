@@ -1,0 +1,108 @@
+"""Prepare: training images (official layout) -> Parquet shards of centre-cropped, resized JPEGs.
+
+Output columns: image_name, species_id, learn_tag, image (JPEG bytes). Cached by a content key
+of the metadata CSV, the image files (path, size, mtime) and the parameters. Missing and corrupt
+images are skipped, counted and listed in the stage report; the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from vitlab.cache import content_key, file_sha256, files_fingerprint
+from vitlab.data.images import CorruptImageError, center_crop_resize, decode_image, encode_jpeg
+from vitlab.data.loading import chunks, map_threads
+from vitlab.data.plantclef import index_images, read_training_metadata
+from vitlab.data.shards import ShardedStage
+from vitlab.progress import progress
+
+log = logging.getLogger(__name__)
+PREPARED_SCHEMA = pa.schema([
+    ("image_name", pa.string()), ("species_id", pa.int64()), ("learn_tag", pa.string()),
+    ("image", pa.binary()),
+])  # fmt: skip
+REPORT_LIST_LIMIT = 100  # names listed in reports; counts are always complete
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    image_size: int = 128
+    center_crop: bool = True
+    jpeg_quality: int = 95
+    shard_size: int = 2048
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ValueError(f"prepare.image_size must be >= 8, got {self.image_size}")
+        if self.shard_size < 1:
+            raise ValueError(f"prepare.shard_size must be >= 1, got {self.shard_size}")
+
+
+def _prepare_one(path: Path, params: PrepareParams) -> bytes | str:
+    """JPEG bytes of the prepared image, or the error message for a corrupt file."""
+    try:
+        img = decode_image(path)
+    except CorruptImageError as err:
+        return str(err)
+    img = center_crop_resize(img, params.image_size, crop=params.center_crop)
+    return encode_jpeg(img, params.jpeg_quality)
+
+
+def prepare_training_images(metadata_csv: str | Path, images_dir: str | Path,
+                            cache_dir: str | Path, params: PrepareParams) -> ShardedStage:  # fmt: skip
+    metadata = read_training_metadata(metadata_csv)
+    index = index_images(images_dir)
+    key = content_key("prepare-v1", file_sha256(metadata_csv),
+                      files_fingerprint(index.values(), Path(images_dir)), asdict(params))  # fmt: skip
+    stage = ShardedStage(Path(cache_dir) / "prepare" / key, key, asdict(params))
+    if stage.complete:
+        log.info("prepare: cache hit %s (%s)", key, stage.directory)
+        return stage
+
+    in_folder = metadata["image_name"].isin(index.keys())
+    missing = metadata.loc[~in_folder, "image_name"].tolist()
+    rows = metadata.loc[in_folder, ["image_name", "species_id", "learn_tag"]]
+    records = list(rows.itertuples(index=False))
+    if not records:
+        raise ValueError(f"no image of {metadata_csv} was found below {images_dir}")
+    if missing:
+        log.warning("prepare: %d metadata row(s) have no image file below %s (e.g. %s)",
+                    len(missing), images_dir, missing[:3])  # fmt: skip
+    bar = progress(len(records), "prepare")
+    for index_no, shard in enumerate(chunks(records, params.shard_size)):
+        if stage.has_shard(index_no):
+            bar.update(len(shard))
+            continue
+        results = map_threads(lambda r: _prepare_one(index[r.image_name], params), shard,
+                              params.workers)  # fmt: skip
+        kept = [(r, b) for r, b in zip(shard, results) if isinstance(b, bytes)]
+        corrupt = [r.image_name for r, b in zip(shard, results) if isinstance(b, str)]
+        for message in (b for b in results if isinstance(b, str)):
+            log.warning("prepare: skipped %s", message)
+        table = pa.table({
+            "image_name": [r.image_name for r, _ in kept],
+            "species_id": [int(r.species_id) for r, _ in kept],
+            "learn_tag": [r.learn_tag for r, _ in kept],
+            "image": [b for _, b in kept],
+        }, schema=PREPARED_SCHEMA)  # fmt: skip
+        stage.write_shard(index_no, table, {"corrupt": corrupt})
+        bar.update(len(shard))
+    bar.close()
+    corrupt_all = [n for s in stage.manifest["shards"].values() for n in s.get("corrupt", [])]
+    report: dict[str, Any] = {
+        "metadata_rows": len(metadata),
+        "images_written": sum(s["rows"] for s in stage.manifest["shards"].values()),
+        "missing_images": len(missing),
+        "missing_examples": missing[:REPORT_LIST_LIMIT],
+        "corrupt_images": len(corrupt_all),
+        "corrupt_examples": corrupt_all[:REPORT_LIST_LIMIT],
+    }
+    stage.finish(report)
+    log.info("prepare: %s", {k: v for k, v in report.items() if not k.endswith("examples")})
+    return stage

@@ -1,0 +1,1 @@
+"""LightningModules: thin wiring of heads, losses and metrics."""

@@ -1,0 +1,74 @@
+"""A classification head trained on precomputed embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from vitlab.config import instantiate_node
+from vitlab.metrics.classification import accuracy, macro_f1
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class EmbeddingClassifier(pl.LightningModule):
+    """Everything needed to rebuild the head is in the hyperparameters, so
+    `EmbeddingClassifier.load_from_checkpoint(path)` restores it with its label map."""
+
+    def __init__(self, head: dict[str, Any], loss: dict[str, Any], in_features: int,
+                 species_ids: list[int], optimizer: str = "adam", lr: float = 2e-3,
+                 weight_decay: float = 0.0, context: dict[str, Any] | None = None):  # fmt: skip
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"head.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
+        self.save_hyperparameters()
+        self.head = instantiate_node(head, "head.model", in_features=in_features,
+                                     num_classes=len(species_ids))  # fmt: skip
+        self.loss_fn = instantiate_node(loss, "loss")
+        self.species_ids = list(species_ids)
+        self._val_preds: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(x), dim=-1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_fn(self.head(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(y))  # fmt: skip
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        x, y = batch
+        out = self.head(x)
+        self.log("val/loss", self.loss_fn(out, y), on_epoch=True, batch_size=len(y))
+        self._val_preds.append(out.argmax(dim=-1).cpu())
+        self._val_targets.append(y.cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_preds:
+            return
+        pred = torch.cat(self._val_preds).numpy()
+        truth = torch.cat(self._val_targets).numpy()
+        self._val_preds.clear()
+        self._val_targets.clear()
+        self.log("val/acc", accuracy(truth, pred), prog_bar=True)
+        self.log("val/macro_f1", macro_f1(truth, pred), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cls = OPTIMIZERS[self.hparams.optimizer]
+        return cls(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    @torch.inference_mode()
+    def predict_labels(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        self.eval()
+        out = [self.head(torch.as_tensor(x[i : i + batch_size])).argmax(-1).numpy()
+               for i in range(0, len(x), batch_size)]  # fmt: skip
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

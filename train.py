@@ -1,0 +1,30 @@
+"""Train: `python train.py [experiment=<name>] [key=value ...]` (see configs/train.yaml)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from vitlab.config import ConfigError
+
+log = logging.getLogger("vitlab")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from vitlab.run import train
+
+    try:
+        summary = train(cfg)
+    except ConfigError as err:
+        log.error("invalid configuration: %s", err)
+        sys.exit(2)
+    metric = summary.get("fit_metrics", {}).get(cfg.optimized_metric)
+    return float(metric) if metric is not None else None
+
+
+if __name__ == "__main__":
+    main()
