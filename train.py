@@ -7,8 +7,13 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from vitlab.config import ConfigError
+from vitlab.data.plantclef import DatasetFormatError
+
+# errors whose message says what to fix: no traceback needed
+USER_ERRORS = (ConfigError, DatasetFormatError, MissingMandatoryValue)
 
 log = logging.getLogger("vitlab")
 
@@ -19,8 +24,8 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         summary = train(cfg)
-    except ConfigError as err:
-        log.error("invalid configuration: %s", err)
+    except USER_ERRORS as err:
+        log.error("%s: %s", type(err).__name__, err)
         sys.exit(2)
     metric = summary.get("fit_metrics", {}).get(cfg.optimized_metric)
     return float(metric) if metric is not None else None

@@ -29,8 +29,10 @@ def instantiate_node(node: Mapping[str, Any] | DictConfig, key: str, **kwargs: A
     if not target:
         raise ConfigError(f"{key}: missing _target_")
     if not str(target).startswith(ALLOWED_TARGET_PREFIXES):
-        raise ConfigError(f"{key}._target_={target!r} is outside the allowed packages "
-                          f"{list(ALLOWED_TARGET_PREFIXES)}")  # fmt: skip
+        raise ConfigError(
+            f"{key}._target_={target!r} is outside the allowed packages "
+            f"{list(ALLOWED_TARGET_PREFIXES)}"
+        )
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:

@@ -61,13 +61,21 @@ def validate(cfg: DictConfig) -> None:
     require_choice(cfg, "predictor", PREDICTORS)
     require_choice(cfg, "head.optimizer", OPTIMIZERS)
     require_choice(cfg, "fit.mode", ("min", "max"))
-    require_positive(cfg, "head.lr", "head.batch_size", "embed.batch_size", "predict.batch_size",
-                     "predict.quadrats_per_batch", "dataset.min_images_per_species")  # fmt: skip
+    require_positive(
+        cfg,
+        "head.lr",
+        "head.batch_size",
+        "embed.batch_size",
+        "predict.batch_size",
+        "predict.quadrats_per_batch",
+        "dataset.min_images_per_species",
+    )
     if cfg.logger and cfg.logger.get("wandb"):
         require_choice(cfg, "logger.wandb.mode", WANDB_MODES)
     if "NLLLoss" in str(cfg.loss.get("_target_", "")) and not cfg.head.model.get("log_softmax"):
-        raise ConfigError("loss=nll expects log-probabilities: set head.model.log_softmax=true "
-                          "or use loss=ce")  # fmt: skip
+        raise ConfigError(
+            "loss=nll expects log-probabilities: set head.model.log_softmax=true or use loss=ce"
+        )
 
 
 def ensure_dataset(dataset: DictConfig) -> None:
@@ -104,22 +112,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             predictor: Predictor = BackboneClassifierPredictor(backbone)
         else:
             with timer.stage("prepare"):
-                prepared = prepare_training_images(cfg.dataset.metadata_csv,
-                                                   cfg.dataset.train_images_dir,
-                                                   cfg.paths.cache_dir, prepare_params)  # fmt: skip
+                prepared = prepare_training_images(
+                    cfg.dataset.metadata_csv,
+                    cfg.dataset.train_images_dir,
+                    cfg.paths.cache_dir,
+                    prepare_params,
+                )
             with timer.stage("embed"):
-                embedded = embed_prepared(prepared, backbone, features, cfg.paths.cache_dir,
-                                          cfg.embed.batch_size)  # fmt: skip
+                embedded = embed_prepared(
+                    prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size
+                )
             summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
             summary["prepare_report"] = prepared.manifest.get("report", {})
             with timer.stage("fit"):
                 splits = load_splits(embedded, cfg.dataset.min_images_per_species)
                 summary["fit_data"] = splits.report
                 result = _fit(cfg, splits, backbone, features, tracker, run_dir, summary)
-            predictor = EmbeddingHeadPredictor(backbone, features, result.module.head,
-                                               result.module.species_ids)  # fmt: skip
-        _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer,
-                           summary)  # fmt: skip
+            predictor = EmbeddingHeadPredictor(
+                backbone, features, result.module.head, result.module.species_ids
+            )
+        _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer, summary)
     finally:
         summary["stage_seconds"] = timer.seconds
         write_json(run_dir / "summary.json", summary)
@@ -135,8 +147,15 @@ def _prepare_params(cfg: DictConfig) -> PrepareParams:
         raise ConfigError(f"prepare: {err}") from err
 
 
-def _fit(cfg: DictConfig, splits, backbone, features, tracker: RunTracker, run_dir: Path,
-         summary: dict[str, Any]):  # fmt: skip
+def _fit(
+    cfg: DictConfig,
+    splits,
+    backbone,
+    features,
+    tracker: RunTracker,
+    run_dir: Path,
+    summary: dict[str, Any],
+):
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     context = {
@@ -146,21 +165,40 @@ def _fit(cfg: DictConfig, splits, backbone, features, tracker: RunTracker, run_d
         "cache_keys": summary["cache_keys"],
     }
     module = EmbeddingClassifier(
-        head=to_container(cfg.head.model), loss=to_container(cfg.loss), in_features=splits.dim,
-        species_ids=splits.species_ids, optimizer=cfg.head.optimizer, lr=cfg.head.lr,
-        weight_decay=cfg.head.weight_decay, context=context,
-    )  # fmt: skip
+        head=to_container(cfg.head.model),
+        loss=to_container(cfg.loss),
+        in_features=splits.dim,
+        species_ids=splits.species_ids,
+        optimizer=cfg.head.optimizer,
+        lr=cfg.head.lr,
+        weight_decay=cfg.head.weight_decay,
+        context=context,
+    )
     has_val = len(splits.y["val"]) > 0
     monitor = cfg.fit.monitor if has_val else "train/loss"
     mode = cfg.fit.mode if has_val else "min"
     checkpoint_dir = run_dir / "checkpoints"
-    callbacks = [ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=monitor,
-                                 mode=mode, save_last=True, save_top_k=1)]  # fmt: skip
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            save_last=True,
+            save_top_k=1,
+        )
+    ]
     if cfg.fit.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode,
-                                       patience=cfg.fit.early_stopping_patience))  # fmt: skip
-    trainer = instantiate_node(cfg.trainer, "trainer", callbacks=callbacks,
-                               logger=tracker.loggers, default_root_dir=str(run_dir))  # fmt: skip
+        callbacks.append(
+            EarlyStopping(monitor=monitor, mode=mode, patience=cfg.fit.early_stopping_patience)
+        )
+    trainer = instantiate_node(
+        cfg.trainer,
+        "trainer",
+        callbacks=callbacks,
+        logger=tracker.loggers,
+        default_root_dir=str(run_dir),
+    )
     result = fit_head(splits, module, trainer, cfg.head.batch_size, checkpoint_dir)
     if result.last_checkpoint:
         write_label_map(result.last_checkpoint.parent, splits.species_ids)
@@ -170,11 +208,25 @@ def _fit(cfg: DictConfig, splits, backbone, features, tracker: RunTracker, run_d
     return result
 
 
-def _predict_and_score(cfg: DictConfig, predictor: Predictor, strategy, test_images, run_dir,
-                       tracker: RunTracker, timer: StageTimer, summary: dict[str, Any]) -> None:  # fmt: skip
+def _predict_and_score(
+    cfg: DictConfig,
+    predictor: Predictor,
+    strategy,
+    test_images,
+    run_dir,
+    tracker: RunTracker,
+    timer: StageTimer,
+    summary: dict[str, Any],
+) -> None:
     with timer.stage("predict"):
-        result = predict_quadrats(test_images, strategy, predictor, cfg.predict.batch_size,
-                                  cfg.predict.quadrats_per_batch, cfg.predict.center_crop)  # fmt: skip
+        result = predict_quadrats(
+            test_images,
+            strategy,
+            predictor,
+            cfg.predict.batch_size,
+            cfg.predict.quadrats_per_batch,
+            cfg.predict.center_crop,
+        )
     submission = write_submission(result.predictions, run_dir / "submission.csv")
     summary["submission"] = str(submission)
     summary["predict_report"] = result.report()
@@ -189,8 +241,11 @@ def _predict_and_score(cfg: DictConfig, predictor: Predictor, strategy, test_ima
             summary["scores"] = scores
             write_json(run_dir / "scores.json", scores)
             tracker.log_metrics({f"test/{k}": v for k, v in scores.items()})
-            tracker.log_table("per_plot_predictions", ["plot_id", "truth", "prediction", "f1"],
-                              per_plot_rows(truth, result.predictions))  # fmt: skip
+            tracker.log_table(
+                "per_plot_predictions",
+                ["plot_id", "truth", "prediction", "f1"],
+                per_plot_rows(truth, result.predictions),
+            )
             chart = plot_per_species_f1(truth, result.predictions, run_dir / "per_species_f1.png")
             tracker.log_image("per_species_f1", chart)
         log.info("scores: %s", scores)
@@ -205,8 +260,10 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
     strategy = instantiate_node(cfg.inference, "inference")
     if cfg.predictor == "head":
         if not cfg.get("ckpt_path"):
-            raise ConfigError("ckpt_path is required with predictor=head (a checkpoint written "
-                              "by train.py, e.g. outputs/.../checkpoints/best.ckpt)")  # fmt: skip
+            raise ConfigError(
+                "ckpt_path is required with predictor=head (a checkpoint written "
+                "by train.py, e.g. outputs/.../checkpoints/best.ckpt)"
+            )
         predictor: Predictor = load_head_predictor(Path(cfg.ckpt_path))
     else:
         predictor = BackboneClassifierPredictor(instantiate_node(cfg.backbone, "backbone"))
@@ -214,12 +271,14 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
     test_images = list_test_images(cfg.dataset.test_images_dir)
     run_dir = run_dir_of(cfg)
     timer = StageTimer()
-    summary: dict[str, Any] = {"task": "infer", "run_dir": str(run_dir),
-                               "checkpoint": cfg.get("ckpt_path")}  # fmt: skip
+    summary: dict[str, Any] = {
+        "task": "infer",
+        "run_dir": str(run_dir),
+        "checkpoint": cfg.get("ckpt_path"),
+    }
     tracker = RunTracker(cfg.logger, run_dir, "infer", cfg)
     try:
-        _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer,
-                           summary)  # fmt: skip
+        _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer, summary)
     finally:
         summary["stage_seconds"] = timer.seconds
         write_json(run_dir / "summary.json", summary)

@@ -30,11 +30,15 @@ class RunTracker:
         if wandb_cfg and wandb_cfg.get("mode", "offline") != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = WandbLogger(
-                project=wandb_cfg.project, entity=wandb_cfg.get("entity"),
-                group=wandb_cfg.get("group"), tags=list(wandb_cfg.get("tags") or []),
-                name=wandb_cfg.get("name"), mode=wandb_cfg.mode, save_dir=str(run_dir),
+                project=wandb_cfg.project,
+                entity=wandb_cfg.get("entity"),
+                group=wandb_cfg.get("group"),
+                tags=list(wandb_cfg.get("tags") or []),
+                name=wandb_cfg.get("name"),
+                mode=wandb_cfg.mode,
+                save_dir=str(run_dir),
                 job_type=job_type,
-            )  # fmt: skip
+            )
             self.wandb.log_hyperparams(OmegaConf.to_container(config, resolve=True))
             self.loggers.append(self.wandb)
 
@@ -53,8 +57,9 @@ class RunTracker:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.experiment.log({name: wandb.Table(columns=list(columns),
-                                                         data=[list(r) for r in rows])})  # fmt: skip
+            self.wandb.experiment.log(
+                {name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}
+            )
         return path
 
     def log_image(self, name: str, path: Path) -> None:

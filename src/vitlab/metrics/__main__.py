@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     missing = sorted(set(truth) - set(submission))
     if missing:
-        print(f"warning: {len(missing)} plot(s) missing from the submission scored 0, "
-              f"e.g. {missing[:3]}", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {len(missing)} plot(s) missing from the submission scored 0, "
+            f"e.g. {missing[:3]}",
+            file=sys.stderr,
+        )
     print(json.dumps(scores))
     return 0
 

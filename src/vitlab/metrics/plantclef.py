@@ -20,8 +20,9 @@ PlotLabels = Mapping[str, Iterable[int]]
 def _aligned(truth: PlotLabels, submission: PlotLabels) -> list[tuple[set[int], set[int]]]:
     extra = sorted(set(submission) - set(truth))
     if extra:
-        raise DatasetFormatError(f"submission has {len(extra)} plot(s) not in the ground truth, "
-                                 f"e.g. {extra[:3]}")  # fmt: skip
+        raise DatasetFormatError(
+            f"submission has {len(extra)} plot(s) not in the ground truth, e.g. {extra[:3]}"
+        )
     return [(set(truth[p]), set(submission.get(p, ()))) for p in sorted(truth)]
 
 

@@ -37,8 +37,9 @@ def preprocess_batch(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torc
     """(N, H, W, 3) uint8 images of one size -> normalised (N, 3, S, S) float32 tensor."""
     pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
     if pixels.shape[-2:] != (spec.size, spec.size):
-        pixels = F.interpolate(pixels, size=(spec.size, spec.size), mode="bicubic",
-                               antialias=True, align_corners=False).clamp_(0, 1)  # fmt: skip
+        pixels = F.interpolate(
+            pixels, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False
+        ).clamp_(0, 1)
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     return (pixels - mean) / std
@@ -91,10 +92,17 @@ def read_class_mapping(path: str | Path) -> list[int]:
 
 
 class TimmBackbone(Backbone):
-    def __init__(self, name: str, pretrained: bool = False, checkpoint_path: str | None = None,
-                 class_mapping: str | None = None, num_classes: int | None = None,
-                 model_kwargs: dict[str, Any] | None = None, input_size: int | None = None,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        class_mapping: str | None = None,
+        num_classes: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        input_size: int | None = None,
+        seed: int = 0,
+    ):
         import timm
 
         super().__init__()
@@ -110,29 +118,41 @@ class TimmBackbone(Backbone):
             num_classes = self._classes_in(state) if state is not None else 0
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # random-init weights are reproducible, so cacheable
-            self.model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
-                                           **self.model_kwargs)  # fmt: skip
+            self.model = timm.create_model(
+                name, pretrained=pretrained, num_classes=num_classes, **self.model_kwargs
+            )
         if state is not None:
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shape mismatches
+                raise ValueError(
+                    f"{checkpoint_path} does not fit timm model {name} with "
+                    f"model_kwargs={self.model_kwargs}: {err}"
+                ) from err
             if missing or unexpected:
-                raise ValueError(f"{checkpoint_path} does not fit timm model {name}: missing "
-                                 f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+                raise ValueError(
+                    f"{checkpoint_path} does not fit timm model {name}: missing "
+                    f"{missing[:5]}, unexpected {unexpected[:5]}"
+                )
         self.model.eval()
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
         self.embed_dim = int(self.model.num_features)
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
         self.input_spec = InputSpec(
             size=int(input_size or data_cfg["input_size"][-1]),
-            mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
-        )  # fmt: skip
+            mean=tuple(data_cfg["mean"]),
+            std=tuple(data_cfg["std"]),
+        )
         self.num_classes = num_classes
         if class_mapping is None and self.checkpoint_path is not None:
             beside = self.checkpoint_path.parent / "class_mapping.txt"
             class_mapping = str(beside) if beside.is_file() else None
         self.class_ids = read_class_mapping(class_mapping) if class_mapping else None
         if self.class_ids is not None and len(self.class_ids) != num_classes:
-            raise ValueError(f"{class_mapping} lists {len(self.class_ids)} species but the "
-                             f"classifier has {num_classes} outputs")  # fmt: skip
+            raise ValueError(
+                f"{class_mapping} lists {len(self.class_ids)} species but the "
+                f"classifier has {num_classes} outputs"
+            )
 
     def _classes_in(self, state: dict[str, torch.Tensor]) -> int:
         import timm
@@ -149,33 +169,53 @@ class TimmBackbone(Backbone):
 
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self.num_classes:
-            raise ValueError(f"timm model {self.name} was built without a classifier "
-                             "(set backbone.checkpoint_path or backbone.num_classes)")  # fmt: skip
+            raise ValueError(
+                f"timm model {self.name} was built without a classifier "
+                "(set backbone.checkpoint_path or backbone.num_classes)"
+            )
         return self.model(pixels)
 
     def identity(self) -> dict[str, Any]:
         weights: Any = "random-init" if not self.pretrained else "timm-hub"
         if self.checkpoint_path is not None:
             weights = file_sha256(self.checkpoint_path)
-        return {"kind": "timm", "name": self.name, "pretrained": self.pretrained,
-                "weights": weights, "seed": self.seed, "model_kwargs": self.model_kwargs,
-                "input": self.input_spec.__dict__}  # fmt: skip
+        return {
+            "kind": "timm",
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "weights": weights,
+            "seed": self.seed,
+            "model_kwargs": self.model_kwargs,
+            "input": self.input_spec.__dict__,
+        }
 
 
 class HfDinov2Backbone(Backbone):
     """`transformers` DINOv2 (with or without registers): hub id or local directory."""
 
-    def __init__(self, model_id: str, pretrained: bool = True, input_size: int = 224,
-                 config: dict[str, Any] | None = None, revision: str | None = None,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        model_id: str,
+        pretrained: bool = True,
+        input_size: int = 224,
+        config: dict[str, Any] | None = None,
+        revision: str | None = None,
+        seed: int = 0,
+    ):
         from transformers import AutoConfig, AutoModel, Dinov2Config
 
         super().__init__()
-        self.model_id, self.pretrained, self.revision, self.seed = model_id, pretrained, revision, seed
+        self.model_id, self.pretrained, self.revision, self.seed = (
+            model_id,
+            pretrained,
+            revision,
+            seed,
+        )
         self.config_overrides = dict(config or {})
         if pretrained:
-            self.model = AutoModel.from_pretrained(model_id, revision=revision,
-                                                   **self.config_overrides)  # fmt: skip
+            self.model = AutoModel.from_pretrained(
+                model_id, revision=revision, **self.config_overrides
+            )
         else:
             if Path(model_id).is_dir():
                 hf_config = AutoConfig.from_pretrained(model_id, **self.config_overrides)
@@ -200,8 +240,13 @@ class HfDinov2Backbone(Backbone):
             weights = directory_fingerprint(self.model_id)
         else:
             weights = {"hub": self.model_id, "revision": self.revision or "main"}
-        return {"kind": "hf", "model_id": self.model_id, "weights": weights,
-                "config": self.config_overrides, "input": self.input_spec.__dict__}  # fmt: skip
+        return {
+            "kind": "hf",
+            "model_id": self.model_id,
+            "weights": weights,
+            "config": self.config_overrides,
+            "input": self.input_spec.__dict__,
+        }
 
 
 BACKBONE_KINDS = {"timm": TimmBackbone, "hf": HfDinov2Backbone}

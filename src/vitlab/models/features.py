@@ -18,7 +18,8 @@ TOKEN_SETS = ("all", "patches")
 
 
 def dct2_basis(n: int, k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """First k rows of the unnormalised DCT-II matrix of size n: C[j, i] = 2 cos(pi j (2i+1) / 2n)."""
+    """First k rows of the unnormalised DCT-II matrix of size n:
+    C[j, i] = 2 cos(pi j (2i + 1) / 2n)."""
     j = torch.arange(k, dtype=dtype).unsqueeze(1)
     i = torch.arange(n, dtype=dtype).unsqueeze(0)
     return 2.0 * torch.cos(math.pi * j * (2 * i + 1) / (2 * n))
@@ -42,8 +43,10 @@ class ClsToken:
 
     def __call__(self, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         if num_prefix_tokens < 1:
-            raise ValueError("features=cls needs a backbone with a CLS token; "
-                             "use features=mean_patch for this backbone")  # fmt: skip
+            raise ValueError(
+                "features=cls needs a backbone with a CLS token; "
+                "use features=mean_patch for this backbone"
+            )
         return tokens[:, 0]
 
     def params(self) -> dict[str, Any]:

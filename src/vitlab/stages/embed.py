@@ -32,7 +32,9 @@ class FeatureReducer(Protocol):
 
 
 @torch.inference_mode()
-def embed_pixels(backbone: Backbone, features: FeatureReducer, pixels: torch.Tensor) -> torch.Tensor:
+def embed_pixels(
+    backbone: Backbone, features: FeatureReducer, pixels: torch.Tensor
+) -> torch.Tensor:
     """Normalised pixels -> feature vectors."""
     return features(backbone.forward_tokens(pixels), backbone.num_prefix_tokens)
 
@@ -41,8 +43,9 @@ def embed_key(prepared_key: str, backbone: Backbone, features: FeatureReducer) -
     return content_key("embed-v1", prepared_key, backbone.identity(), features.params())
 
 
-def _decoded_batches(stage: ShardedStage, todo: list[int], batch_size: int,
-                     pool: ThreadPoolExecutor) -> Iterator[tuple[int, pa.Table, np.ndarray]]:  # fmt: skip
+def _decoded_batches(
+    stage: ShardedStage, todo: list[int], batch_size: int, pool: ThreadPoolExecutor
+) -> Iterator[tuple[int, pa.Table, np.ndarray]]:
     paths = stage.shard_paths()
     for shard_no in todo:
         table = pa.parquet.read_table(paths[shard_no])
@@ -52,32 +55,46 @@ def _decoded_batches(stage: ShardedStage, todo: list[int], batch_size: int,
             yield shard_no, table, decode_uint8_batch(start_blobs, start_names, pool)
 
 
-def embed_prepared(prepared: ShardedStage, backbone: Backbone, features: FeatureReducer,
-                   cache_dir: str | Path, batch_size: int = 64) -> ShardedStage:  # fmt: skip
+def embed_prepared(
+    prepared: ShardedStage,
+    backbone: Backbone,
+    features: FeatureReducer,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+) -> ShardedStage:
     import pyarrow.parquet  # noqa: F401 - registers pa.parquet
 
     key = embed_key(prepared.key, backbone, features)
-    params = {"prepared": prepared.key, "backbone": backbone.identity(),
-              "features": features.params()}  # fmt: skip
+    params = {
+        "prepared": prepared.key,
+        "backbone": backbone.identity(),
+        "features": features.params(),
+    }
     stage = ShardedStage(Path(cache_dir) / "embed" / key, key, params)
     if stage.complete:
         log.info("embed: cache hit %s (%s)", key, stage.directory)
         return stage
     n_shards = len(prepared.shard_paths())
     todo = [i for i in range(n_shards) if not stage.has_shard(i)]
-    total = sum(prepared.manifest["shards"][p.name]["rows"]
-                for i, p in enumerate(prepared.shard_paths()) if i in todo)  # fmt: skip
+    total = sum(
+        prepared.manifest["shards"][p.name]["rows"]
+        for i, p in enumerate(prepared.shard_paths())
+        if i in todo
+    )
     bar = progress(total, "embed")
     pending: dict[int, list[np.ndarray]] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         for shard_no, table, images in prefetch(_decoded_batches(prepared, todo, batch_size, pool)):
-            vectors = embed_pixels(backbone, features, preprocess_batch(images, backbone.input_spec))
+            vectors = embed_pixels(
+                backbone, features, preprocess_batch(images, backbone.input_spec)
+            )
             pending.setdefault(shard_no, []).append(vectors.float().numpy())
             bar.update(len(images))
             done_rows = sum(len(v) for v in pending[shard_no])
             if done_rows == table.num_rows:
                 out = table.drop_columns(["image"]).append_column(
-                    "embedding", embeddings_to_arrow(np.concatenate(pending.pop(shard_no))))
+                    "embedding", embeddings_to_arrow(np.concatenate(pending.pop(shard_no)))
+                )
                 stage.write_shard(shard_no, out)
     bar.close()
     dim = _embedding_dim(stage)

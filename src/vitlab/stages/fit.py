@@ -50,8 +50,9 @@ def load_splits(stage: ShardedStage, min_images_per_species: int) -> EmbeddingSp
     tags = np.asarray(table.column("learn_tag").to_pylist())
     kept = species_filter(species[tags == "train"], min_images_per_species)
     if not kept:
-        raise ValueError(f"dataset.min_images_per_species={min_images_per_species} leaves no "
-                         "species to train on")  # fmt: skip
+        raise ValueError(
+            f"dataset.min_images_per_species={min_images_per_species} leaves no species to train on"
+        )
     index_of = {s: i for i, s in enumerate(kept)}
     splits = EmbeddingSplits(species_ids=kept)
     known = np.isin(species, kept)
@@ -82,8 +83,13 @@ class FitResult:
     module: EmbeddingClassifier
 
 
-def fit_head(splits: EmbeddingSplits, module: EmbeddingClassifier, trainer: pl.Trainer,
-             batch_size: int, checkpoint_dir: Path) -> FitResult:  # fmt: skip
+def fit_head(
+    splits: EmbeddingSplits,
+    module: EmbeddingClassifier,
+    trainer: pl.Trainer,
+    batch_size: int,
+    checkpoint_dir: Path,
+) -> FitResult:
     has_val = len(splits.y["val"]) > 0
     train_loader = _loader(splits.x["train"], splits.y["train"], batch_size, shuffle=True)
     val_loader = _loader(splits.x["val"], splits.y["val"], batch_size, False) if has_val else None

@@ -65,8 +65,10 @@ class BackboneClassifierPredictor:
     def __post_init__(self) -> None:
         if not self.species_ids:
             if self.backbone.class_ids is None:
-                raise ValueError("predictor=backbone_classifier needs the backbone's "
-                                 "class_mapping.txt (backbone.class_mapping)")  # fmt: skip
+                raise ValueError(
+                    "predictor=backbone_classifier needs the backbone's "
+                    "class_mapping.txt (backbone.class_mapping)"
+                )
             self.species_ids = list(self.backbone.class_ids)
 
     @torch.inference_mode()
@@ -87,8 +89,10 @@ def cut_tiles(path: Path, strategy: Strategy, size: int, center_crop: bool) -> Q
         img = decode_image(path)
     except CorruptImageError as err:
         return QuadratTiles(plot_id, None, str(err))
-    tiles = [to_uint8_array(center_crop_resize(img.crop(box), size, crop=center_crop))
-             for box in strategy.boxes(*img.size)]  # fmt: skip
+    tiles = [
+        to_uint8_array(center_crop_resize(img.crop(box), size, crop=center_crop))
+        for box in strategy.boxes(*img.size)
+    ]
     return QuadratTiles(plot_id, np.stack(tiles))
 
 
@@ -99,13 +103,22 @@ class PredictionResult:
     skipped: list[str]  # error messages of quadrats that could not be read
 
     def report(self) -> dict[str, Any]:
-        return {"plots": len(self.predictions), "tiles": self.tile_count,
-                "skipped_images": len(self.skipped), "skipped_examples": self.skipped[:100]}  # fmt: skip
+        return {
+            "plots": len(self.predictions),
+            "tiles": self.tile_count,
+            "skipped_images": len(self.skipped),
+            "skipped_examples": self.skipped[:100],
+        }
 
 
-def predict_quadrats(image_paths: Sequence[Path], strategy: Strategy, predictor: Predictor,
-                     batch_size: int = 64, quadrats_per_batch: int = 4,
-                     center_crop: bool = True) -> PredictionResult:  # fmt: skip
+def predict_quadrats(
+    image_paths: Sequence[Path],
+    strategy: Strategy,
+    predictor: Predictor,
+    batch_size: int = 64,
+    quadrats_per_batch: int = 4,
+    center_crop: bool = True,
+) -> PredictionResult:
     """Plot id -> predicted species ids for every quadrat. A corrupt quadrat is reported and
     gets an empty prediction (so it scores 0 rather than vanishing from the submission)."""
     size = predictor.backbone.input_spec.size
@@ -127,16 +140,20 @@ def predict_quadrats(image_paths: Sequence[Path], strategy: Strategy, predictor:
                 predictions[q.plot_id] = []
         if readable:
             tiles = np.concatenate([q.tiles for q in readable])
-            probs = np.concatenate([
-                predictor.probabilities(preprocess_batch(batch, predictor.backbone.input_spec)
-                                        ).numpy()
-                for batch in chunks(tiles, batch_size)
-            ])  # fmt: skip
+            probs = np.concatenate(
+                [
+                    predictor.probabilities(
+                        preprocess_batch(batch, predictor.backbone.input_spec)
+                    ).numpy()
+                    for batch in chunks(tiles, batch_size)
+                ]
+            )
             offset = 0
             for q in readable:
                 n = len(q.tiles)
-                predictions[q.plot_id] = strategy.aggregate(probs[offset : offset + n],
-                                                            predictor.species_ids)  # fmt: skip
+                predictions[q.plot_id] = strategy.aggregate(
+                    probs[offset : offset + n], predictor.species_ids
+                )
                 offset += n
             tile_count += len(tiles)
         bar.update(len(group))

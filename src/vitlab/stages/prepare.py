@@ -22,10 +22,14 @@ from vitlab.data.shards import ShardedStage
 from vitlab.progress import progress
 
 log = logging.getLogger(__name__)
-PREPARED_SCHEMA = pa.schema([
-    ("image_name", pa.string()), ("species_id", pa.int64()), ("learn_tag", pa.string()),
-    ("image", pa.binary()),
-])  # fmt: skip
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("image_name", pa.string()),
+        ("species_id", pa.int64()),
+        ("learn_tag", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
 REPORT_LIST_LIMIT = 100  # names listed in reports; counts are always complete
 
 
@@ -54,12 +58,17 @@ def _prepare_one(path: Path, params: PrepareParams) -> bytes | str:
     return encode_jpeg(img, params.jpeg_quality)
 
 
-def prepare_training_images(metadata_csv: str | Path, images_dir: str | Path,
-                            cache_dir: str | Path, params: PrepareParams) -> ShardedStage:  # fmt: skip
+def prepare_training_images(
+    metadata_csv: str | Path, images_dir: str | Path, cache_dir: str | Path, params: PrepareParams
+) -> ShardedStage:
     metadata = read_training_metadata(metadata_csv)
     index = index_images(images_dir)
-    key = content_key("prepare-v1", file_sha256(metadata_csv),
-                      files_fingerprint(index.values(), Path(images_dir)), asdict(params))  # fmt: skip
+    key = content_key(
+        "prepare-v1",
+        file_sha256(metadata_csv),
+        files_fingerprint(index.values(), Path(images_dir)),
+        asdict(params),
+    )
     stage = ShardedStage(Path(cache_dir) / "prepare" / key, key, asdict(params))
     if stage.complete:
         log.info("prepare: cache hit %s (%s)", key, stage.directory)
@@ -72,25 +81,33 @@ def prepare_training_images(metadata_csv: str | Path, images_dir: str | Path,
     if not records:
         raise ValueError(f"no image of {metadata_csv} was found below {images_dir}")
     if missing:
-        log.warning("prepare: %d metadata row(s) have no image file below %s (e.g. %s)",
-                    len(missing), images_dir, missing[:3])  # fmt: skip
+        log.warning(
+            "prepare: %d metadata row(s) have no image file below %s (e.g. %s)",
+            len(missing),
+            images_dir,
+            missing[:3],
+        )
     bar = progress(len(records), "prepare")
     for index_no, shard in enumerate(chunks(records, params.shard_size)):
         if stage.has_shard(index_no):
             bar.update(len(shard))
             continue
-        results = map_threads(lambda r: _prepare_one(index[r.image_name], params), shard,
-                              params.workers)  # fmt: skip
+        results = map_threads(
+            lambda r: _prepare_one(index[r.image_name], params), shard, params.workers
+        )
         kept = [(r, b) for r, b in zip(shard, results) if isinstance(b, bytes)]
         corrupt = [r.image_name for r, b in zip(shard, results) if isinstance(b, str)]
         for message in (b for b in results if isinstance(b, str)):
             log.warning("prepare: skipped %s", message)
-        table = pa.table({
-            "image_name": [r.image_name for r, _ in kept],
-            "species_id": [int(r.species_id) for r, _ in kept],
-            "learn_tag": [r.learn_tag for r, _ in kept],
-            "image": [b for _, b in kept],
-        }, schema=PREPARED_SCHEMA)  # fmt: skip
+        table = pa.table(
+            {
+                "image_name": [r.image_name for r, _ in kept],
+                "species_id": [int(r.species_id) for r, _ in kept],
+                "learn_tag": [r.learn_tag for r, _ in kept],
+                "image": [b for _, b in kept],
+            },
+            schema=PREPARED_SCHEMA,
+        )
         stage.write_shard(index_no, table, {"corrupt": corrupt})
         bar.update(len(shard))
     bar.close()

@@ -8,16 +8,20 @@ from pathlib import Path
 from vitlab.metrics.plantclef import per_plot_f1, per_species_f1, plantclef_scores
 
 
-def per_plot_rows(truth: Mapping[str, Sequence[int]],
-                  predictions: Mapping[str, Sequence[int]]) -> list[list[object]]:  # fmt: skip
+def per_plot_rows(
+    truth: Mapping[str, Sequence[int]], predictions: Mapping[str, Sequence[int]]
+) -> list[list[object]]:
     """Rows (plot_id, truth, prediction, F1) for a table of predictions vs truth."""
     f1 = per_plot_f1(truth, predictions)
-    return [[p, str(list(truth[p])), str(list(predictions.get(p, []))), round(f1[p], 4)]
-            for p in sorted(truth)]  # fmt: skip
+    return [
+        [p, str(list(truth[p])), str(list(predictions.get(p, []))), round(f1[p], 4)]
+        for p in sorted(truth)
+    ]
 
 
-def plot_per_species_f1(truth: Mapping[str, Sequence[int]],
-                        predictions: Mapping[str, Sequence[int]], path: Path) -> Path:  # fmt: skip
+def plot_per_species_f1(
+    truth: Mapping[str, Sequence[int]], predictions: Mapping[str, Sequence[int]], path: Path
+) -> Path:
     """Bar chart of the per-species F1 terms (sorted), written as PNG."""
     import matplotlib
 

@@ -18,15 +18,24 @@ class EmbeddingClassifier(pl.LightningModule):
     """Everything needed to rebuild the head is in the hyperparameters, so
     `EmbeddingClassifier.load_from_checkpoint(path)` restores it with its label map."""
 
-    def __init__(self, head: dict[str, Any], loss: dict[str, Any], in_features: int,
-                 species_ids: list[int], optimizer: str = "adam", lr: float = 2e-3,
-                 weight_decay: float = 0.0, context: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        head: dict[str, Any],
+        loss: dict[str, Any],
+        in_features: int,
+        species_ids: list[int],
+        optimizer: str = "adam",
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        context: dict[str, Any] | None = None,
+    ):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"head.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
         self.save_hyperparameters()
-        self.head = instantiate_node(head, "head.model", in_features=in_features,
-                                     num_classes=len(species_ids))  # fmt: skip
+        self.head = instantiate_node(
+            head, "head.model", in_features=in_features, num_classes=len(species_ids)
+        )
         self.loss_fn = instantiate_node(loss, "loss")
         self.species_ids = list(species_ids)
         self._val_preds: list[torch.Tensor] = []
@@ -41,8 +50,7 @@ class EmbeddingClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss_fn(self.head(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=len(y))  # fmt: skip
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
@@ -69,6 +77,8 @@ class EmbeddingClassifier(pl.LightningModule):
     @torch.inference_mode()
     def predict_labels(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         self.eval()
-        out = [self.head(torch.as_tensor(x[i : i + batch_size])).argmax(-1).numpy()
-               for i in range(0, len(x), batch_size)]  # fmt: skip
+        out = [
+            self.head(torch.as_tensor(x[i : i + batch_size])).argmax(-1).numpy()
+            for i in range(0, len(x), batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,51 @@
+"""Shared fixtures: Hydra composition outside a Hydra app, and small synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+TINY_SPEC = PlantClefSyntheticSpec(
+    seed=3,
+    n_species=7,
+    n_rare_species=1,
+    max_images_per_species=18,
+    min_images_per_species=12,
+    n_quadrats=4,
+    quadrat_size=(300, 380),
+)
+
+
+def compose_config(config_name: str, overrides: list[str], root: Path) -> DictConfig:
+    """Compose like `python <entry>.py overrides...` would, with `${hydra:...}` resolvable and
+    every path under `root`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name,
+            overrides=[f"hydra.run.dir={root}/run", *overrides],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(root)
+        cfg.paths.cache_dir = str(root / "cache")
+        cfg.paths.output_dir = str(root / "run")
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_plantclef(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic PlantCLEF dataset in the official layout (read-only for tests)."""
+    return generate_plantclef(tmp_path_factory.mktemp("plantclef") / "data", TINY_SPEC)

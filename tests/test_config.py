@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from tests.conftest import CONFIG_DIR, compose_config
+from vitlab.config import ConfigError, instantiate_node
+from vitlab.run import train, validate
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+REAL_DATA = ["dataset.root=/data/PlantCLEF2024", "backbone.checkpoint_path=/ckpt/model.pth.tar"]
+
+
+def _resolve_all(cfg):
+    """Every interpolation of our config resolves (Hydra's own node needs a running job)."""
+    for key in cfg:
+        if key != "hydra":
+            node = cfg[key]
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+
+
+def test_there_are_experiments():
+    assert "quickstart_plantclef" in EXPERIMENTS and len(EXPERIMENTS) >= 5
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment, tmp_path):
+    cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
+    overrides = [f"experiment={experiment}"]
+    if OmegaConf.is_missing(cfg.dataset, "root"):
+        overrides.append(REAL_DATA[0])
+    if "checkpoint_path" in cfg.backbone and OmegaConf.is_missing(cfg.backbone, "checkpoint_path"):
+        overrides.append(REAL_DATA[1])
+    cfg = compose_config("train", overrides, tmp_path)
+    _resolve_all(cfg)
+    validate(cfg)
+    instantiate_node(cfg.features, "features")
+    instantiate_node(cfg.inference, "inference")
+
+
+def test_infer_config_composes(tmp_path):
+    cfg = compose_config("infer", ["ckpt_path=x.ckpt", "inference=grid_topk"], tmp_path)
+    _resolve_all(cfg)
+    assert cfg.inference.top_l == 5
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("inference.grid_size=0", "inference.grid_size"),
+        ("features=dct", None),  # valid; paired with the next case
+        ("head.optimizer=rmsprop", "head.optimizer"),
+        ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
+        ("fit.mode=biggest", "fit.mode"),
+        ("head.lr=-1", "head.lr"),
+        ("predictor=oracle", "predictor"),
+        ("prepare.image_size=2", "prepare.image_size"),
+        ("head.model.log_softmax=false", "head.model.log_softmax"),
+    ],
+)
+def test_invalid_values_fail_before_any_work_naming_the_key(override, key, tmp_path):
+    cfg = compose_config("train", [override, "logger=wandb"], tmp_path)
+    if key is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        train(cfg)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "data").exists()
+
+
+def test_dct_bad_token_set_names_key(tmp_path):
+    cfg = compose_config("train", ["features=dct", "features.tokens=cls"], tmp_path)
+    with pytest.raises(ConfigError, match=r"features\.tokens"):
+        train(cfg)
+
+
+def test_unknown_group_option_lists_choices(tmp_path):
+    with pytest.raises(MissingConfigException, match="backbone"):
+        compose_config("train", ["backbone=vit_gigantic"], tmp_path)
+
+
+def test_real_dataset_needs_root(tmp_path):
+    cfg = compose_config("train", ["dataset=plantclef"], tmp_path)
+    with pytest.raises(MissingMandatoryValue, match="dataset.root"):
+        train(cfg)
