@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -339,20 +340,36 @@ def isolated_costs(prepared: ShardedStage, backbone: Backbone, batch_size: int) 
     return {k: 1000 * v / n for k, v in costs.items()}
 
 
-def profile(
-    prepared: ShardedStage, backbone: Backbone, batch_size: int, work: Path, model_only_ips: float
-) -> None:
+def instrumented_run(
+    prepared: ShardedStage, backbone: Backbone, batch_size: int, cache_dir: Path
+) -> tuple[Timers, float, int]:
     timers = Timers()
-    cache_dir = work / "embed-cache-profile"
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
     with instrumented(timers):
         start = time.perf_counter()
         stage = embed_prepared(prepared, backbone, ClsToken(), cache_dir, batch_size)
         wall = time.perf_counter() - start
-    n = stage.manifest["report"]["rows"]
     shutil.rmtree(cache_dir)
+    return timers, wall, stage.manifest["report"]["rows"]
+
+
+def profile(
+    prepared: ShardedStage,
+    backbone: Backbone,
+    batch_size: int,
+    work: Path,
+    model_only_ips: float,
+    repeats: int,
+) -> None:
+    runs = [
+        instrumented_run(prepared, backbone, batch_size, work / "embed-cache-profile")
+        for _ in range(repeats)
+    ]
+    timers, wall, n = min(runs, key=lambda run: run[1])
     print(
-        f"\n### Profile of one instrumented end-to-end run ({n} images, batch {batch_size}, "
-        f"{torch.get_num_threads()} torch threads)\n"
+        f"\n### Profile: fastest of {repeats} instrumented end-to-end runs ({n} images, "
+        f"batch {batch_size}, {torch.get_num_threads()} torch threads)\n"
     )
     print(
         f"wall time {wall:.3f} s = {n / wall:.1f} img/s; model-only {model_only_ips:.1f} img/s "
@@ -424,6 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="profile the tiny ViT run even when it meets the target",
     )
     parser.add_argument("--no-profile", action="store_true", help="never profile")
+    parser.add_argument("--profile-repeats", type=int, default=3, help="fastest of N is shown")
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -442,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     params = PrepareParams(image_size=args.prepare_size, shard_size=args.shard_size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
+    report_load("start")
     rows: list[Measurement] = []
     try:
         for key in args.models:
@@ -453,12 +472,21 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(result)
             below = result.ratio < TARGET_RATIO
             if key == "tiny" and not args.no_profile and (args.profile or below):
-                profile(prepared, backbone, args.batch_size, work, max(result.model_only))
+                best = max(result.model_only)
+                profile(prepared, backbone, args.batch_size, work, best, args.profile_repeats)
+        report_load("end")
         print_table(rows)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def report_load(when: str) -> None:
+    """Other processes on the machine skew the figures: show the 1-minute load average."""
+    load = os.getloadavg()[0]
+    note = "" if load < 0.5 else " (machine busy: expect noisy figures)"
+    print(f"load average at {when}: {load:.2f} on {os.cpu_count()} cores{note}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vitlab-grid-bench-"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
+    report_load("start")
     rows: list[tuple[str, int, dict[str, float]]] = []
     try:
         n_max = max(args.quadrats, args.vitb_quadrats if args.vitb else 0)
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    report_load("end")
     names = list(SETTINGS)
     print("\nGridArgmax(3): 9 tiles per quadrat; tiles/s include quadrat decode + tile cutting\n")
     print(
@@ -172,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{rates[names[0]] / rates[names[1]]:.2f}x |"
         )
     return 0
+
+
+def report_load(when: str) -> None:
+    """Other processes on the machine skew the figures: show the 1-minute load average."""
+    load = os.getloadavg()[0]
+    note = "" if load < 0.5 else " (machine busy: expect noisy figures)"
+    print(f"load average at {when}: {load:.2f} on {os.cpu_count()} cores{note}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""Parquet shard IO for stage outputs: atomic shard writes and a manifest of completed shards.
+
+A stage directory holds `part-XXXXX.parquet` shards and `manifest.json`. A shard is written to a
+temporary name and renamed, then recorded in the manifest (also written atomically), so a killed
+stage never leaves a half file that looks whole and a rerun can skip the shards it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ShardedStage:
+    """Output folder of one stage run, identified by its content key."""
+
+    def __init__(self, directory: str | Path, key: str, params: dict[str, Any]):
+        self.directory = Path(directory)
+        self.key = key
+        self.params = params
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.manifest = self._load_manifest()
+
+    def _load_manifest(self) -> dict[str, Any]:
+        path = self.directory / MANIFEST
+        if path.is_file():
+            manifest = json.loads(path.read_text())
+            if manifest.get("key") == self.key:
+                return manifest
+        return {"key": self.key, "params": self.params, "shards": {}, "complete": False}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def has_shard(self, index: int) -> bool:
+        name = shard_name(index)
+        return name in self.manifest["shards"] and (self.directory / name).is_file()
+
+    def write_shard(self, index: int, table: pa.Table, report: dict[str, Any] | None = None) -> Path:
+        name = shard_name(index)
+        final = self.directory / name
+        tmp = self.directory / f".{name}.tmp-{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        self.manifest["shards"][name] = {"rows": table.num_rows, **(report or {})}
+        self._save()
+        return final
+
+    def finish(self, report: dict[str, Any]) -> None:
+        self.manifest["report"] = report
+        self.manifest["complete"] = True
+        self._save()
+
+    def _save(self) -> None:
+        atomic_write_text(self.directory / MANIFEST, json.dumps(self.manifest, indent=1))
+
+    def shard_paths(self) -> list[Path]:
+        return [self.directory / name for name in sorted(self.manifest["shards"])]
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        paths = self.shard_paths()
+        if not paths:
+            raise FileNotFoundError(f"stage {self.directory} has no shards")
+        return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+
+    def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        for path in self.shard_paths():
+            yield pq.read_table(path, columns=columns)
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def embeddings_to_arrow(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float array -> Arrow fixed-size-list column (zero-copy on the values)."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    values = pa.array(embeddings.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])
+
+
+def arrow_to_embeddings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Arrow fixed-size-list column -> (N, D) float32 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)

@@ -1,0 +1,216 @@
+"""Synthetic PlantCLEF 2024 dataset in the official layout.
+
+Species differ in colour (evenly spaced hues) and shape, so any working pipeline separates
+them; quadrats are a jittered 3x3 arrangement of plants from 3-5 species on soil, so per-tile
+classification recovers the plot's species set while the whole-image view blurs them together.
+Layout written (names are the dataset config's defaults):
+    PlantCLEF2024_single_plant_training_metadata.csv    `;`-separated, official columns
+    images_max_side_800/<learn_tag>/<species_id>/<image_name>.jpg
+    PlantCLEF2024test/<plot_id>.jpg                      multi-species quadrats
+    test_ground_truth.csv                                submission format
+    .complete                                            written last
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from vitlab.data.plantclef import METADATA_COLUMNS, write_submission
+
+METADATA_FILE = "PlantCLEF2024_single_plant_training_metadata.csv"
+TRAIN_IMAGES_DIR = "images_max_side_800"
+TEST_IMAGES_DIR = "PlantCLEF2024test"
+GROUND_TRUTH_FILE = "test_ground_truth.csv"
+COMPLETE_MARKER = ".complete"
+SHAPES = ("discs", "star", "striped", "squares")
+ORGANS = ("leaf", "flower", "habit", "fruit", "bark")
+
+
+@dataclass(frozen=True)
+class PlantClefSyntheticSpec:
+    seed: int = 0
+    n_species: int = 12
+    n_rare_species: int = 2  # below the quickstart's species filter on purpose
+    max_images_per_species: int = 40
+    min_images_per_species: int = 16
+    rare_images: int = 4
+    n_quadrats: int = 16
+    quadrat_size: tuple[int, int] = (720, 960)
+    species_per_quadrat: tuple[int, int] = (3, 5)
+    train_fraction: float = 0.8
+    val_fraction: float = 0.1
+
+
+def _species_colour(index: int, n: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    hue = (index / n + rng.uniform(-0.01, 0.01)) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 0.9), rng.uniform(0.8, 0.95))
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def soil_background(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """Brown, smoothly varying soil with fine grain."""
+    shape = (max(2, height // 40), max(2, width // 40))
+    # mostly luminance variation, a little colour: soil, not confetti
+    coarse = rng.normal(0, 16, size=(*shape, 1)) + rng.normal(0, 4, size=(*shape, 3))
+    coarse_img = Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8))
+    smooth = np.asarray(coarse_img.resize((width, height), Image.Resampling.BILINEAR), np.float32)
+    base = np.array([105, 82, 58], np.float32)
+    grain = rng.normal(0, 6, size=(height, width, 1))
+    pixels = base + (smooth - 128) + grain
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def draw_plant(img: Image.Image, box: tuple[int, int, int, int], species_index: int,
+               n_species: int, rng: np.random.Generator) -> None:
+    """Draw one plant of a species inside box (left, top, right, bottom), in place."""
+    left, top, right, bottom = box
+    draw = ImageDraw.Draw(img)
+    colour = _species_colour(species_index, n_species, rng)
+    dark = tuple(int(c * 0.55) for c in colour)
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    radius = 0.42 * min(right - left, bottom - top) * rng.uniform(0.85, 1.05)
+    shape = SHAPES[species_index % len(SHAPES)]
+    if shape == "discs":
+        for _ in range(7):
+            ang, dist = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.55) * radius
+            x, y, rr = cx + dist * math.cos(ang), cy + dist * math.sin(ang), 0.45 * radius
+            draw.ellipse((x - rr, y - rr, x + rr, y + rr), fill=colour, outline=dark, width=2)
+    elif shape == "star":
+        points, spikes, phase = [], 7, rng.uniform(0, math.pi)
+        for k in range(2 * spikes):
+            rr = radius if k % 2 == 0 else 0.4 * radius
+            ang = phase + k * math.pi / spikes
+            points.append((cx + rr * math.cos(ang), cy + rr * math.sin(ang)))
+        draw.polygon(points, fill=colour, outline=dark)
+    elif shape == "striped":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
+        step = max(3, int(radius / 4))
+        for y in range(int(cy - radius), int(cy + radius), step):
+            half = math.sqrt(max(0.0, radius**2 - (y - cy) ** 2))
+            draw.line((cx - half, y, cx + half, y), fill=dark, width=max(1, step // 3))
+    else:  # squares
+        for _ in range(6):
+            x = cx + rng.uniform(-0.5, 0.5) * radius
+            y = cy + rng.uniform(-0.5, 0.5) * radius
+            half = 0.4 * radius
+            draw.rectangle((x - half, y - half, x + half, y + half), fill=colour, outline=dark)
+
+
+def single_plant_image(species_index: int, n_species: int, rng: np.random.Generator) -> Image.Image:
+    width, height = int(rng.integers(220, 420)), int(rng.integers(220, 420))
+    img = soil_background(width, height, rng)
+    side = min(width, height) * rng.uniform(0.75, 0.95)
+    cx = width / 2 + rng.uniform(-0.05, 0.05) * width
+    cy = height / 2 + rng.uniform(-0.05, 0.05) * height
+    draw_plant(img, (int(cx - side / 2), int(cy - side / 2), int(cx + side / 2),
+                     int(cy + side / 2)), species_index, n_species, rng)
+    return img
+
+
+def quadrat_image(species_indices: list[int], n_species: int, rng: np.random.Generator,
+                  size: tuple[int, int]) -> tuple[Image.Image, list[int]]:
+    """A plot: a jittered 3x3 arrangement of plants (each species at least once)."""
+    width = int(rng.integers(size[0], size[1]))
+    height = int(rng.integers(size[0], size[1]))
+    img = soil_background(width, height, rng)
+    cells = list(species_indices) + list(rng.choice(species_indices, 9 - len(species_indices)))
+    rng.shuffle(cells)
+    cw, ch = width / 3, height / 3
+    for cell, species in enumerate(cells):
+        r, c = divmod(cell, 3)
+        jx, jy = rng.uniform(-0.08, 0.08) * cw, rng.uniform(-0.08, 0.08) * ch
+        box = (int(c * cw + jx), int(r * ch + jy), int((c + 1) * cw + jx), int((r + 1) * ch + jy))
+        draw_plant(img, box, int(species), n_species, rng)
+    return img, sorted(set(int(s) for s in cells))
+
+
+def _species_counts(spec: PlantClefSyntheticSpec, rng: np.random.Generator) -> list[int]:
+    """Long-tailed image counts: common species from max down to min, then the rare ones."""
+    n_common = spec.n_species - spec.n_rare_species
+    ranks = np.arange(n_common)
+    counts = spec.max_images_per_species * (0.85 ** ranks)
+    counts = np.maximum(counts, spec.min_images_per_species).astype(int)
+    return [int(c) for c in counts] + [spec.rare_images] * spec.n_rare_species
+
+
+def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None = None) -> Path:
+    """Write the dataset; an existing folder is replaced. Returns the folder."""
+    spec = spec or PlantClefSyntheticSpec()
+    if spec.n_species - spec.n_rare_species < spec.species_per_quadrat[1]:
+        raise ValueError("n_species - n_rare_species must be >= the species per quadrat")
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(spec.seed)
+    species_ids = sorted(int(s) for s in rng.choice(np.arange(1_300_000, 1_800_000),
+                                                    spec.n_species, replace=False))
+    rows = []
+    for index, (species_id, count) in enumerate(zip(species_ids, _species_counts(spec, rng))):
+        tags = rng.choice(
+            ["train", "val", "test"], size=count,
+            p=[spec.train_fraction, spec.val_fraction, 1 - spec.train_fraction - spec.val_fraction],
+        )
+        tags[:2] = "train"  # every species has training images
+        for tag in tags:
+            name = rng.bytes(20).hex() + ".jpg"
+            folder = out / TRAIN_IMAGES_DIR / str(tag) / str(species_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            single_plant_image(index, spec.n_species, rng).save(folder / name, quality=92)
+            rows.append(_metadata_row(name, species_id, index, str(tag), rng))
+    frame = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+    frame.to_csv(out / METADATA_FILE, sep=";", index=False)
+
+    test_dir = out / TEST_IMAGES_DIR
+    test_dir.mkdir()
+    n_common = spec.n_species - spec.n_rare_species
+    truth: dict[str, list[int]] = {}
+    for q in range(spec.n_quadrats):
+        k = int(rng.integers(spec.species_per_quadrat[0], spec.species_per_quadrat[1] + 1))
+        chosen = [int(i) for i in rng.choice(n_common, k, replace=False)]
+        img, present = quadrat_image(chosen, spec.n_species, rng, spec.quadrat_size)
+        plot_id = f"SYNTH-QUADRAT-{q:04d}"
+        img.save(test_dir / f"{plot_id}.jpg", quality=92)
+        truth[plot_id] = [species_ids[i] for i in present]
+    write_submission(truth, out / GROUND_TRUTH_FILE)
+    (out / COMPLETE_MARKER).write_text(f"seed={spec.seed}\n")
+    return out
+
+
+def _metadata_row(name: str, species_id: int, index: int, tag: str,
+                  rng: np.random.Generator) -> dict[str, object]:
+    genus = f"Synthetica{index // 3}"
+    return {
+        "image_name": name,
+        "organ": str(rng.choice(ORGANS)),
+        "species_id": species_id,
+        "obs_id": int(rng.integers(1_000_000_000, 2_000_000_000)),
+        "license": "cc-by-sa",
+        "partner": "",
+        "author": "vitlab synthetic",
+        "altitude": round(float(rng.uniform(0, 2000)), 1),
+        "latitude": round(float(rng.uniform(36, 60)), 5),
+        "longitude": round(float(rng.uniform(-10, 30)), 5),
+        "gbif_species_id": species_id + 5_000_000,
+        "species": f"{genus} species{index}",
+        "genus": genus,
+        "family": f"Syntheticaceae{index // 6}",
+        "dataset": "plantnet",
+        "publisher": "plantnet",
+        "references": "",
+        "url": "",
+        "learn_tag": tag,
+        "image_backup_url": "",
+    }
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    return (Path(out_dir) / COMPLETE_MARKER).is_file()
