@@ -45,9 +45,11 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
         stop.set()
 
 
-def decode_uint8_batch(blobs: Sequence[bytes], names: Sequence[str],
-                       pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+def decode_uint8_batch(
+    blobs: Sequence[bytes], names: Sequence[str], pool: ThreadPoolExecutor | None = None
+) -> np.ndarray:
     """Decode same-size encoded images into one (N, H, W, 3) uint8 array."""
+
     def one(i: int) -> np.ndarray:
         return to_uint8_array(decode_image(blobs[i], names[i]))
 

@@ -11,9 +11,26 @@ from pathlib import Path
 import pandas as pd
 
 METADATA_COLUMNS: tuple[str, ...] = (
-    "image_name", "organ", "species_id", "obs_id", "license", "partner", "author", "altitude",
-    "latitude", "longitude", "gbif_species_id", "species", "genus", "family", "dataset",
-    "publisher", "references", "url", "learn_tag", "image_backup_url",
+    "image_name",
+    "organ",
+    "species_id",
+    "obs_id",
+    "license",
+    "partner",
+    "author",
+    "altitude",
+    "latitude",
+    "longitude",
+    "gbif_species_id",
+    "species",
+    "genus",
+    "family",
+    "dataset",
+    "publisher",
+    "references",
+    "url",
+    "learn_tag",
+    "image_backup_url",
 )
 REQUIRED_METADATA_COLUMNS: tuple[str, ...] = ("image_name", "species_id", "learn_tag")
 LEARN_TAGS = ("train", "val", "test")
@@ -30,8 +47,9 @@ def read_training_metadata(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DatasetFormatError(f"training metadata CSV not found: {path}")
-    frame = pd.read_csv(path, sep=";", dtype={"image_name": str, "learn_tag": str},
-                        low_memory=False)
+    frame = pd.read_csv(
+        path, sep=";", dtype={"image_name": str, "learn_tag": str}, low_memory=False
+    )
     missing = [c for c in REQUIRED_METADATA_COLUMNS if c not in frame.columns]
     if missing:
         raise DatasetFormatError(

@@ -52,7 +52,9 @@ class ShardedStage:
         name = shard_name(index)
         return name in self.manifest["shards"] and (self.directory / name).is_file()
 
-    def write_shard(self, index: int, table: pa.Table, report: dict[str, Any] | None = None) -> Path:
+    def write_shard(
+        self, index: int, table: pa.Table, report: dict[str, Any] | None = None
+    ) -> Path:
         name = shard_name(index)
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp-{os.getpid()}"

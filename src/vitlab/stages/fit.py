@@ -102,7 +102,10 @@ def fit_head(
         trainer.save_checkpoint(best)
     write_label_map(best.parent, splits.species_ids)
     best_module = EmbeddingClassifier.load_from_checkpoint(best, map_location="cpu")
+    # callback_metrics are the last epoch's; the *_images/* metrics below are the best checkpoint's
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
+        metrics[f"best/{ckpt_cb.monitor}"] = float(ckpt_cb.best_model_score)
     for tag in ("val", "test"):
         if len(splits.y[tag]):
             pred = best_module.predict_labels(splits.x[tag])

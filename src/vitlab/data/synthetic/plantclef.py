@@ -68,8 +68,13 @@ def soil_background(width: int, height: int, rng: np.random.Generator) -> Image.
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def draw_plant(img: Image.Image, box: tuple[int, int, int, int], species_index: int,
-               n_species: int, rng: np.random.Generator) -> None:
+def draw_plant(
+    img: Image.Image,
+    box: tuple[int, int, int, int],
+    species_index: int,
+    n_species: int,
+    rng: np.random.Generator,
+) -> None:
     """Draw one plant of a species inside box (left, top, right, bottom), in place."""
     left, top, right, bottom = box
     draw = ImageDraw.Draw(img)
@@ -110,13 +115,19 @@ def single_plant_image(species_index: int, n_species: int, rng: np.random.Genera
     side = min(width, height) * rng.uniform(0.75, 0.95)
     cx = width / 2 + rng.uniform(-0.05, 0.05) * width
     cy = height / 2 + rng.uniform(-0.05, 0.05) * height
-    draw_plant(img, (int(cx - side / 2), int(cy - side / 2), int(cx + side / 2),
-                     int(cy + side / 2)), species_index, n_species, rng)
+    draw_plant(
+        img,
+        (int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)),
+        species_index,
+        n_species,
+        rng,
+    )
     return img
 
 
-def quadrat_image(species_indices: list[int], n_species: int, rng: np.random.Generator,
-                  size: tuple[int, int]) -> tuple[Image.Image, list[int]]:
+def quadrat_image(
+    species_indices: list[int], n_species: int, rng: np.random.Generator, size: tuple[int, int]
+) -> tuple[Image.Image, list[int]]:
     """A plot: a jittered 3x3 arrangement of plants (each species at least once)."""
     width = int(rng.integers(size[0], size[1]))
     height = int(rng.integers(size[0], size[1]))
@@ -136,7 +147,7 @@ def _species_counts(spec: PlantClefSyntheticSpec, rng: np.random.Generator) -> l
     """Long-tailed image counts: common species from max down to min, then the rare ones."""
     n_common = spec.n_species - spec.n_rare_species
     ranks = np.arange(n_common)
-    counts = spec.max_images_per_species * (0.85 ** ranks)
+    counts = spec.max_images_per_species * (0.85**ranks)
     counts = np.maximum(counts, spec.min_images_per_species).astype(int)
     return [int(c) for c in counts] + [spec.rare_images] * spec.n_rare_species
 
@@ -151,12 +162,14 @@ def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     rng = np.random.default_rng(spec.seed)
-    species_ids = sorted(int(s) for s in rng.choice(np.arange(1_300_000, 1_800_000),
-                                                    spec.n_species, replace=False))
+    species_ids = sorted(
+        int(s) for s in rng.choice(np.arange(1_300_000, 1_800_000), spec.n_species, replace=False)
+    )
     rows = []
     for index, (species_id, count) in enumerate(zip(species_ids, _species_counts(spec, rng))):
         tags = rng.choice(
-            ["train", "val", "test"], size=count,
+            ["train", "val", "test"],
+            size=count,
             p=[spec.train_fraction, spec.val_fraction, 1 - spec.train_fraction - spec.val_fraction],
         )
         tags[:2] = "train"  # every species has training images
@@ -185,8 +198,9 @@ def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None 
     return out
 
 
-def _metadata_row(name: str, species_id: int, index: int, tag: str,
-                  rng: np.random.Generator) -> dict[str, object]:
+def _metadata_row(
+    name: str, species_id: int, index: int, tag: str, rng: np.random.Generator
+) -> dict[str, object]:
     genus = f"Synthetica{index // 3}"
     return {
         "image_name": name,
