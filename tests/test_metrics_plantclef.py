@@ -91,24 +91,16 @@ def test_malformed_submissions_fail_naming_the_line(tmp_path, body, message):
         read_submission(path)
 
 
+def _score_files(truth, submission) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "vitlab.metrics", "plantclef"]
+    cmd += ["--truth", str(truth), "--submission", str(submission)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def test_cli_prints_json_and_warns_about_missing_plots(tmp_path):
     truth = write_submission({"a": [1, 2], "b": [3]}, tmp_path / "t.csv")
-    sub = write_submission({"a": [1, 2]}, tmp_path / "s.csv")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vitlab.metrics",
-            "plantclef",
-            "--truth",
-            str(truth),
-            "--submission",
-            str(sub),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = _score_files(truth, write_submission({"a": [1, 2]}, tmp_path / "s.csv"))
+    assert out.returncode == 0, out.stderr
     scores = json.loads(out.stdout)
     assert set(scores) == {"macro_f1_per_plot", "macro_f1_per_species", "micro_f1"}
     assert scores["macro_f1_per_plot"] == pytest.approx(0.5)
@@ -119,19 +111,6 @@ def test_cli_malformed_exit_code(tmp_path):
     truth = write_submission({"a": [1]}, tmp_path / "t.csv")
     bad = tmp_path / "s.csv"
     bad.write_text("nope\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vitlab.metrics",
-            "plantclef",
-            "--truth",
-            str(truth),
-            "--submission",
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = _score_files(truth, bad)
     assert out.returncode == 2
     assert "s.csv" in out.stderr and "header" in out.stderr
