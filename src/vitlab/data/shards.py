@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,21 @@ class ShardedStage:
     def write_shard(
         self, index: int, table: pa.Table, report: dict[str, Any] | None = None
     ) -> Path:
-        name = shard_name(index)
-        final = self.directory / name
-        tmp = self.directory / f".{name}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-        self.manifest["shards"][name] = {"rows": table.num_rows, **(report or {})}
+        path = write_shard_file(self.directory, index, table)
+        self.record_shard(index, table.num_rows, report)
+        return path
+
+    def record_shard(self, index: int, rows: int, report: dict[str, Any] | None = None) -> None:
+        """Mark a shard file (already renamed into place) as complete in the manifest."""
+        self.manifest["shards"][shard_name(index)] = {"rows": rows, **(report or {})}
         self._save()
-        return final
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temp files left by a killed writer; complete shards are never temp files."""
+        stale = list(self.directory.glob(".part-*.tmp-*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     def finish(self, report: dict[str, Any]) -> None:
         self.manifest["report"] = report
@@ -71,6 +79,12 @@ class ShardedStage:
 
     def _save(self) -> None:
         atomic_write_text(self.directory / MANIFEST, json.dumps(self.manifest, indent=1))
+
+    def shard_indices(self) -> list[int]:
+        return sorted(int(name[5:10]) for name in self.manifest["shards"])
+
+    def path_of(self, index: int) -> Path:
+        return self.directory / shard_name(index)
 
     def shard_paths(self) -> list[Path]:
         return [self.directory / name for name in sorted(self.manifest["shards"])]
@@ -88,6 +102,15 @@ class ShardedStage:
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def write_shard_file(directory: Path, index: int, table: pa.Table) -> Path:
+    """Write a shard atomically: a temp name in the same folder, then rename."""
+    final = Path(directory) / shard_name(index)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
 
 
 def embeddings_to_arrow(embeddings: np.ndarray) -> pa.FixedSizeListArray:

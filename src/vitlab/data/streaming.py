@@ -80,10 +80,18 @@ def _length(batch: Batch | None) -> int:
 
 
 class ParquetStream(IterableDataset):
-    def __init__(self, paths: Sequence[str | Path], batch_size: int = 256,
-                 columns: Sequence[str] | None = None, shuffle: bool = True,
-                 buffer_size: int = 8192, seed: int = 0, drop_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 256,
+        columns: Sequence[str] | None = None,
+        shuffle: bool = True,
+        buffer_size: int = 8192,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         super().__init__()
         if not paths:
             raise ValueError("ParquetStream needs at least one Parquet file")

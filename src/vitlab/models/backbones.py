@@ -8,6 +8,7 @@ be used directly as a classifier (`classify`), with its class index -> species i
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class Backbone(nn.Module):
     embed_dim: int
     input_spec: InputSpec
     class_ids: list[int] | None = None  # species id of each classifier output, when known
+    build_args: dict[str, Any] | None = None  # set by create_backbone
 
     def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # abstract
@@ -256,4 +258,18 @@ def create_backbone(kind: str, **kwargs: Any) -> Backbone:
     """One entry point: `kind` is `timm` or `hf`, the rest goes to that backbone."""
     if kind not in BACKBONE_KINDS:
         raise ValueError(f"backbone.kind={kind!r} is not one of {sorted(BACKBONE_KINDS)}")
-    return BACKBONE_KINDS[kind](**kwargs)
+    backbone = BACKBONE_KINDS[kind](**kwargs)
+    # how to build it again elsewhere (a Spark executor builds its own copy, never unpickles one)
+    backbone.build_args = {"kind": kind, **kwargs}
+    return backbone
+
+
+_PROCESS_BACKBONES: dict[str, Backbone] = {}
+
+
+def backbone_in_process(build_args: dict[str, Any]) -> Backbone:
+    """The backbone for these arguments, built once per process and reused."""
+    key = json.dumps(build_args, sort_keys=True, default=str)
+    if key not in _PROCESS_BACKBONES:
+        _PROCESS_BACKBONES[key] = create_backbone(**build_args)
+    return _PROCESS_BACKBONES[key]

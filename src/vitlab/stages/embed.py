@@ -8,20 +8,23 @@ forward. Shards already written by an interrupted run are kept; only the rest ar
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from vitlab.cache import content_key
 from vitlab.data.loading import chunks, decode_uint8_batch, prefetch
-from vitlab.data.shards import ShardedStage, embeddings_to_arrow
-from vitlab.models.backbones import Backbone, preprocess_batch
-from vitlab.progress import progress
+from vitlab.data.shards import ShardedStage, embeddings_to_arrow, shard_name
+from vitlab.engines.local import LocalEngine
+from vitlab.models.backbones import Backbone, backbone_in_process, preprocess_batch
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +46,45 @@ def embed_key(prepared_key: str, backbone: Backbone, features: FeatureReducer) -
     return content_key("embed-v1", prepared_key, backbone.identity(), features.params())
 
 
-def _decoded_batches(
-    stage: ShardedStage, todo: list[int], batch_size: int, pool: ThreadPoolExecutor
-) -> Iterator[tuple[int, pa.Table, np.ndarray]]:
-    paths = stage.shard_paths()
-    for shard_no in todo:
-        table = pa.parquet.read_table(paths[shard_no])
+@dataclass
+class EmbedShardTask:
+    """Embed one prepared shard. Picklable: on Spark only the backbone's build arguments and
+    the feature reducer travel; each worker process builds the backbone once and reuses it."""
+
+    input_dir: str
+    backbone_args: dict[str, Any]
+    features: FeatureReducer
+    batch_size: int
+    backbone: Backbone | None = field(default=None, repr=False)  # the live one, in-process
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backbone": None}
+
+    def __call__(
+        self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        backbone = self.backbone or backbone_in_process(self.backbone_args)
+        table = pq.read_table(Path(self.input_dir) / shard_name(shard_no))
         names = table.column("image_name").to_pylist()
         blobs = table.column("image").to_pylist()
-        for start_names, start_blobs in zip(chunks(names, batch_size), chunks(blobs, batch_size)):
-            yield shard_no, table, decode_uint8_batch(start_blobs, start_names, pool)
+        vectors = []
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            batches = zip(chunks(names, self.batch_size), chunks(blobs, self.batch_size))
+            decoded = (decode_uint8_batch(b, n, pool) for n, b in batches)
+            for images in prefetch(decoded):
+                pixels = preprocess_batch(images, backbone.input_spec)
+                vectors.append(embed_pixels(backbone, self.features, pixels).float().numpy())
+                if progress:
+                    progress(len(images))
+        if not vectors:  # every image of the shard was skipped by prepare
+            vectors.append(np.zeros((0, feature_dim(backbone, self.features)), np.float32))
+        column = embeddings_to_arrow(np.concatenate(vectors))
+        return table.drop_columns(["image"]).append_column("embedding", column), {}
+
+
+def feature_dim(backbone: Backbone, features: FeatureReducer) -> int:
+    size = backbone.input_spec.size
+    return int(embed_pixels(backbone, features, torch.zeros(1, 3, size, size)).shape[1])
 
 
 def embed_prepared(
@@ -61,9 +93,10 @@ def embed_prepared(
     features: FeatureReducer,
     cache_dir: str | Path,
     batch_size: int = 64,
+    engine: Any = None,
 ) -> ShardedStage:
-    import pyarrow.parquet  # noqa: F401 - registers pa.parquet
-
+    """Embedding shards for prepared shards (cached); `engine` defaults to the local one."""
+    engine = engine or LocalEngine()
     key = embed_key(prepared.key, backbone, features)
     params = {
         "prepared": prepared.key,
@@ -74,41 +107,34 @@ def embed_prepared(
     if stage.complete:
         log.info("embed: cache hit %s (%s)", key, stage.directory)
         return stage
-    n_shards = len(prepared.shard_paths())
-    todo = [i for i in range(n_shards) if not stage.has_shard(i)]
-    total = sum(
-        prepared.manifest["shards"][p.name]["rows"]
-        for i, p in enumerate(prepared.shard_paths())
-        if i in todo
-    )
-    bar = progress(total, "embed")
-    pending: dict[int, list[np.ndarray]] = {}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for shard_no, table, images in prefetch(_decoded_batches(prepared, todo, batch_size, pool)):
-            vectors = embed_pixels(
-                backbone, features, preprocess_batch(images, backbone.input_spec)
-            )
-            pending.setdefault(shard_no, []).append(vectors.float().numpy())
-            bar.update(len(images))
-            done_rows = sum(len(v) for v in pending[shard_no])
-            if done_rows == table.num_rows:
-                out = table.drop_columns(["image"]).append_column(
-                    "embedding", embeddings_to_arrow(np.concatenate(pending.pop(shard_no)))
-                )
-                stage.write_shard(shard_no, out)
-    bar.close()
+    stage.remove_stale_temporaries()
+    todo = [i for i in prepared.shard_indices() if not stage.has_shard(i)]
+    if todo:
+        rows = [prepared.manifest["shards"][shard_name(i)]["rows"] for i in todo]
+        work = pd.DataFrame({"shard": todo, "rows": rows})
+        if engine.name != "local" and backbone.build_args is None:
+            raise ValueError("engine=spark needs a backbone made by create_backbone")
+        task = EmbedShardTask(
+            str(prepared.directory),
+            backbone.build_args or {},
+            features,
+            batch_size,
+            backbone=backbone,
+        )
+        engine.map_shards(stage, work, task, "embed", int(sum(rows)))
     dim = _embedding_dim(stage)
-    for shard_no in todo:  # shards whose images were all skipped by prepare
-        if not stage.has_shard(shard_no):
-            empty = pa.parquet.read_table(prepared.shard_paths()[shard_no]).drop_columns(["image"])
-            column = embeddings_to_arrow(np.zeros((0, dim), np.float32))
-            stage.write_shard(shard_no, empty.append_column("embedding", column))
-    stage.finish({"rows": sum(s["rows"] for s in stage.manifest["shards"].values()), "dim": dim})
+    stage.finish(
+        {
+            "rows": sum(s["rows"] for s in stage.manifest["shards"].values()),
+            "dim": dim,
+            "engine": engine.name,
+        }
+    )
     return stage
 
 
 def _embedding_dim(stage: ShardedStage) -> int:
     for path in stage.shard_paths():
-        column_type = pa.parquet.read_schema(path).field("embedding").type
+        column_type = pq.read_schema(path).field("embedding").type
         return int(column_type.list_size)
     raise ValueError(f"embed: no image to embed in {stage.directory}")

@@ -8,18 +8,20 @@ images are skipped, counted and listed in the stage report; the run goes on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 
 from vitlab.cache import content_key, file_sha256, files_fingerprint
 from vitlab.data.images import CorruptImageError, center_crop_resize, decode_image, encode_jpeg
-from vitlab.data.loading import chunks, map_threads
+from vitlab.data.loading import map_threads
 from vitlab.data.plantclef import index_images, read_training_metadata
 from vitlab.data.shards import ShardedStage
-from vitlab.progress import progress
+from vitlab.engines.local import LocalEngine
 
 log = logging.getLogger(__name__)
 PREPARED_SCHEMA = pa.schema(
@@ -58,9 +60,46 @@ def _prepare_one(path: Path, params: PrepareParams) -> bytes | str:
     return encode_jpeg(img, params.jpeg_quality)
 
 
+@dataclass(frozen=True)
+class PrepareShardTask:
+    """Prepare one shard's images (picklable: runs in-process or on a Spark executor)."""
+
+    params: PrepareParams
+
+    def __call__(
+        self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        records = list(rows.itertuples(index=False))
+        results = map_threads(
+            lambda r: _prepare_one(Path(r.path), self.params), records, self.params.workers
+        )
+        kept = [(r, b) for r, b in zip(records, results) if isinstance(b, bytes)]
+        corrupt = [r.image_name for r, b in zip(records, results) if isinstance(b, str)]
+        for message in (b for b in results if isinstance(b, str)):
+            log.warning("prepare: skipped %s", message)
+        if progress:
+            progress(len(records))
+        table = pa.table(
+            {
+                "image_name": [r.image_name for r, _ in kept],
+                "species_id": [int(r.species_id) for r, _ in kept],
+                "learn_tag": [r.learn_tag for r, _ in kept],
+                "image": [b for _, b in kept],
+            },
+            schema=PREPARED_SCHEMA,
+        )
+        return table, {"corrupt": corrupt}
+
+
 def prepare_training_images(
-    metadata_csv: str | Path, images_dir: str | Path, cache_dir: str | Path, params: PrepareParams
+    metadata_csv: str | Path,
+    images_dir: str | Path,
+    cache_dir: str | Path,
+    params: PrepareParams,
+    engine: Any = None,
 ) -> ShardedStage:
+    """Prepared shards for the dataset (cached); `engine` defaults to the local one."""
+    engine = engine or LocalEngine()
     metadata = read_training_metadata(metadata_csv)
     index = index_images(images_dir)
     key = content_key(
@@ -73,12 +112,12 @@ def prepare_training_images(
     if stage.complete:
         log.info("prepare: cache hit %s (%s)", key, stage.directory)
         return stage
+    stage.remove_stale_temporaries()
 
     in_folder = metadata["image_name"].isin(index.keys())
     missing = metadata.loc[~in_folder, "image_name"].tolist()
-    rows = metadata.loc[in_folder, ["image_name", "species_id", "learn_tag"]]
-    records = list(rows.itertuples(index=False))
-    if not records:
+    work = metadata.loc[in_folder, ["image_name", "species_id", "learn_tag"]].reset_index(drop=True)
+    if work.empty:
         raise ValueError(f"no image of {metadata_csv} was found below {images_dir}")
     if missing:
         log.warning(
@@ -87,30 +126,11 @@ def prepare_training_images(
             images_dir,
             missing[:3],
         )
-    bar = progress(len(records), "prepare")
-    for index_no, shard in enumerate(chunks(records, params.shard_size)):
-        if stage.has_shard(index_no):
-            bar.update(len(shard))
-            continue
-        results = map_threads(
-            lambda r: _prepare_one(index[r.image_name], params), shard, params.workers
-        )
-        kept = [(r, b) for r, b in zip(shard, results) if isinstance(b, bytes)]
-        corrupt = [r.image_name for r, b in zip(shard, results) if isinstance(b, str)]
-        for message in (b for b in results if isinstance(b, str)):
-            log.warning("prepare: skipped %s", message)
-        table = pa.table(
-            {
-                "image_name": [r.image_name for r, _ in kept],
-                "species_id": [int(r.species_id) for r, _ in kept],
-                "learn_tag": [r.learn_tag for r, _ in kept],
-                "image": [b for _, b in kept],
-            },
-            schema=PREPARED_SCHEMA,
-        )
-        stage.write_shard(index_no, table, {"corrupt": corrupt})
-        bar.update(len(shard))
-    bar.close()
+    work["path"] = [str(index[name]) for name in work["image_name"]]
+    work.insert(0, "shard", work.index // params.shard_size)
+    todo = work[~work["shard"].map(stage.has_shard)]
+    if not todo.empty:
+        engine.map_shards(stage, todo, PrepareShardTask(params), "prepare", len(todo))
     corrupt_all = [n for s in stage.manifest["shards"].values() for n in s.get("corrupt", [])]
     report: dict[str, Any] = {
         "metadata_rows": len(metadata),
@@ -119,6 +139,7 @@ def prepare_training_images(
         "missing_examples": missing[:REPORT_LIST_LIMIT],
         "corrupt_images": len(corrupt_all),
         "corrupt_examples": corrupt_all[:REPORT_LIST_LIMIT],
+        "engine": getattr(engine, "name", "local"),
     }
     stage.finish(report)
     log.info("prepare: %s", {k: v for k, v in report.items() if not k.endswith("examples")})

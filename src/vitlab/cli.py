@@ -1,0 +1,111 @@
+"""`vitlab` command line: `vitlab cache ls` / `vitlab cache rm KEY... | --stage S | --all`.
+
+The stage cache lives in `$VITLAB_CACHE` or `./.cache/vitlab` (the `paths.cache_dir` default);
+`--cache-dir` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitlab.data.shards import MANIFEST
+
+
+@dataclass
+class CacheEntry:
+    stage: str
+    key: str
+    path: Path
+    complete: bool
+    shards: int
+    rows: int
+    bytes: int
+    params: dict
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VITLAB_CACHE", Path.cwd() / ".cache" / "vitlab"))
+
+
+def list_cache(cache_dir: Path) -> list[CacheEntry]:
+    entries = []
+    for manifest_path in sorted(cache_dir.glob(f"*/*/{MANIFEST}")):
+        folder = manifest_path.parent
+        manifest = json.loads(manifest_path.read_text())
+        shards = manifest.get("shards", {})
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        entries.append(
+            CacheEntry(
+                folder.parent.name,
+                folder.name,
+                folder,
+                bool(manifest.get("complete")),
+                len(shards),
+                sum(s.get("rows", 0) for s in shards.values()),
+                size,
+                manifest.get("params", {}),
+            )
+        )
+    return entries
+
+
+def _describe(params: dict) -> str:
+    backbone = params.get("backbone", {})
+    if backbone:
+        name = backbone.get("name") or backbone.get("model_id")
+        return f"{name} / {params.get('features', {}).get('name', '?')} <- {params.get('prepared')}"
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitlab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cache = sub.add_parser("cache", help="list or remove cached stage outputs")
+    cache_sub = cache.add_subparsers(dest="action", required=True)
+    for action in ("ls", "rm"):
+        p = cache_sub.add_parser(action)
+        p.add_argument("--cache-dir", type=Path, default=None)
+        p.add_argument("--stage", choices=["prepare", "embed"], default=None)
+        if action == "rm":
+            p.add_argument("keys", nargs="*", help="cache keys (or unique prefixes)")
+            p.add_argument("--all", action="store_true", help="every entry (of --stage)")
+        else:
+            p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    cache_dir = args.cache_dir or default_cache_dir()
+    entries = [e for e in list_cache(cache_dir) if args.stage in (None, e.stage)]
+    if args.action == "ls":
+        if args.json:
+            print(json.dumps([{**e.__dict__, "path": str(e.path)} for e in entries], default=str))
+            return 0
+        print(f"{len(entries)} cached stage output(s) in {cache_dir}")
+        for e in entries:
+            state = "complete" if e.complete else "PARTIAL"
+            print(
+                f"{e.stage:8s} {e.key}  {state:8s} {e.shards:4d} shards {e.rows:9d} rows "
+                f"{e.bytes / 2**20:9.1f} MiB  {_describe(e.params)}"
+            )
+        return 0
+    if not args.keys and not args.all:
+        parser.error("cache rm needs KEY... or --all")
+    chosen = entries if args.all else []
+    for key in args.keys:
+        matches = [e for e in entries if e.key.startswith(key)]
+        if len(matches) != 1:
+            print(f"error: key {key!r} matches {len(matches)} entries", file=sys.stderr)
+            return 2
+        chosen += matches
+    for e in chosen:
+        shutil.rmtree(e.path)
+        print(f"removed {e.stage} {e.key} ({e.bytes / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
