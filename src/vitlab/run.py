@@ -100,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     backbone = instantiate_node(cfg.backbone, "backbone")
     features = instantiate_node(cfg.features, "features")
     strategy = instantiate_node(cfg.inference, "inference")
+    engine = instantiate_node(cfg.engine, "engine")
     prepare_params = _prepare_params(cfg)
     ensure_dataset(cfg.dataset)
     test_images = list_test_images(cfg.dataset.test_images_dir)
@@ -117,10 +118,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     cfg.dataset.train_images_dir,
                     cfg.paths.cache_dir,
                     prepare_params,
+                    engine,
                 )
             with timer.stage("embed"):
                 embedded = embed_prepared(
-                    prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size
+                    prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size, engine
                 )
             summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
             summary["prepare_report"] = prepared.manifest.get("report", {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -45,8 +46,10 @@ class SparkEngine:
         from pyspark.sql import SparkSession
 
         builder = SparkSession.builder.master(self.master).appName(self.app_name)
-        # executors run this interpreter (and so this environment's vitlab) unless told otherwise
-        builder = builder.config("spark.pyspark.python", sys.executable)
+        # Python workers run this interpreter (and so this environment's vitlab) unless the user
+        # set PYSPARK_PYTHON; local masters read it from the environment, clusters from the conf
+        python = os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        builder = builder.config("spark.pyspark.python", python)
         builder = builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
         for key, value in self.conf.items():
             builder = builder.config(key, str(value))
