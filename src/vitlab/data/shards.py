@@ -125,4 +125,5 @@ def arrow_to_embeddings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     width = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
+    values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return values.astype(np.float32, copy=False)

@@ -4,9 +4,11 @@
 group of one file; units are dealt round-robin to the (DDP rank, DataLoader worker) pairs, so each
 row is delivered exactly once per epoch across all workers and ranks. Shuffling is two-level:
 the unit order is permuted per epoch (seeded by seed + epoch, identical on every rank), then rows
-pass through a shuffle buffer. It yields whole batches (a dict of numpy arrays per column, an
-embedding column as (B, D) float32), so use it with `DataLoader(stream, batch_size=None)`: the
-per-row Python work of a row-wise dataset would dominate the cost of reading embeddings.
+are drawn at random from a pool of row groups (see `_shuffled_batches`). It yields whole
+batches (a dict of numpy arrays per column, an embedding column as (B, D) float32), so use it
+with `DataLoader(stream, batch_size=None)`: the per-row Python work of a row-wise dataset would
+dominate the cost of reading embeddings. For precomputed embeddings `num_workers=0` is fastest
+(the next row group is read in a background thread; worker processes add IPC of every batch).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vitlab.data.loading import prefetch
 from vitlab.data.shards import arrow_to_embeddings
 
 
@@ -128,33 +131,83 @@ class ParquetStream(IterableDataset):
             table = pq.ParquetFile(unit.path).read_row_group(unit.row_group, columns=self.columns)
             yield _columns_to_numpy(table)
 
+    def _shuffled_batches(
+        self, chunks: Iterator[Batch], rng: np.random.Generator
+    ) -> Iterator[Batch]:
+        """Random batches from a pool of row groups holding >= buffer_size rows: each group is
+        permuted (indices only) and every batch draws from the groups at random, proportionally
+        to their remaining rows (an exact draw without replacement). Rows are copied once, into
+        the batch; the row groups stay as read (zero-copy Arrow memory)."""
+        pool: list[_PoolEntry] = []
+        chunks = iter(chunks)
+        exhausted = False
+        while True:
+            while not exhausted and sum(e.remaining for e in pool) < self.buffer_size:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    exhausted = True
+                elif _length(chunk):
+                    pool.append(_PoolEntry(chunk, rng.permutation(_length(chunk))))
+            available = np.array([e.remaining for e in pool], dtype=np.int64)
+            n = int(min(self.batch_size, available.sum()))
+            if n == 0 or (n < self.batch_size and self.drop_last):
+                return
+            counts = rng.multivariate_hypergeometric(available, n)
+            first = pool[0].data
+            batch = {k: np.empty((n, *v.shape[1:]), dtype=v.dtype) for k, v in first.items()}
+            offset = 0
+            for entry, count in zip(pool, counts):
+                if count:
+                    rows = entry.take(int(count))
+                    for key, values in entry.data.items():
+                        np.take(values, rows, axis=0, out=batch[key][offset : offset + count])
+                    offset += count
+            pool = [e for e in pool if e.remaining]
+            yield batch
+
+    def _sequential_batches(self, pieces: Iterator[Batch]) -> Iterator[Batch]:
+        """Batches in file order; whole batches inside a row group are views, not copies."""
+        carry: Batch | None = None  # rows short of a batch, carried to the next piece
+        for piece in pieces:
+            start = 0
+            if carry is not None:
+                start = self.batch_size - _length(carry)
+                carry = _concat(carry, _take(piece, slice(0, start)))
+                if _length(carry) < self.batch_size:
+                    continue
+                yield carry
+                carry = None
+            n = _length(piece)
+            end = start + (n - start) // self.batch_size * self.batch_size
+            for s in range(start, end, self.batch_size):
+                yield _take(piece, slice(s, s + self.batch_size))
+            if end < n:
+                carry = _take(piece, slice(end, None))
+        if carry is not None and not self.drop_last:
+            yield carry
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         rng = np.random.default_rng((self.seed, self.epoch, info.id if info else 0))
-        buffer: Batch | None = None  # shuffle buffer
-        out: Batch | None = None  # rows ready to batch
-        for chunk in self._unit_batches(self._my_units()):
-            if not self.shuffle or self.buffer_size == 0:
-                out = _concat(out, chunk)
-            else:
-                chunk = _take(chunk, rng.permutation(_length(chunk)))
-                room = self.buffer_size - _length(buffer)
-                buffer = _concat(buffer, _take(chunk, slice(0, room)))
-                chunk = _take(chunk, slice(room, None))
-                size = _length(buffer)
-                for start in range(0, _length(chunk), size):
-                    piece = _take(chunk, slice(start, start + size))
-                    slots = rng.choice(size, _length(piece), replace=False)
-                    out = _concat(out, _take(buffer, slots))  # evicted rows leave in random order
-                    for key in buffer:
-                        buffer[key][slots] = piece[key]
-            n_out = (_length(out) // self.batch_size) * self.batch_size
-            for start in range(0, n_out, self.batch_size):
-                yield _take(out, slice(start, start + self.batch_size))
-            out = _take(out, slice(n_out, None)) if out is not None else None
-        if buffer is not None:
-            out = _concat(out, _take(buffer, rng.permutation(_length(buffer))))
-        for start in range(0, _length(out), self.batch_size):
-            batch = _take(out, slice(start, start + self.batch_size))
-            if _length(batch) == self.batch_size or not self.drop_last:
-                yield batch
+        # the next row group is read in a background thread (pyarrow releases the GIL)
+        pieces = prefetch(self._unit_batches(self._my_units()), depth=2)
+        if self.shuffle:
+            yield from self._shuffled_batches(pieces, rng)
+        else:
+            yield from self._sequential_batches(pieces)
+
+
+@dataclass
+class _PoolEntry:
+    data: Batch
+    order: np.ndarray
+    cursor: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.order) - self.cursor
+
+    def take(self, count: int) -> np.ndarray:
+        rows = self.order[self.cursor : self.cursor + count]
+        self.cursor += count
+        return rows

@@ -1,0 +1,108 @@
+"""Streaming Parquet loader throughput vs a raw pyarrow scan of the same files.
+
+Writes N embedding rows (D-dim float32, like an embed-stage output) into Parquet shards, then in
+one process, alternating over repeats:
+  raw      `pq.ParquetFile(path).read_row_group(g)` for every row group + `arrow_to_embeddings`
+           (the minimum work to get numpy arrays out of the files);
+(both read the columns head training needs: species_id and embedding)
+  stream   `DataLoader(ParquetStream(..., shuffle=True), batch_size=None)` batches of B rows.
+Prints rows/s of each (best repeat) and the ratio stream/raw (target >= 0.8).
+
+Run: PYTHONPATH=src python benchmarks/streaming_loader.py [--rows 400000 --dim 768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch.utils.data import DataLoader
+
+from vitlab.data.shards import arrow_to_embeddings, embeddings_to_arrow
+from vitlab.data.streaming import ParquetStream
+
+
+COLUMNS = ["species_id", "embedding"]  # what head training reads; both readers read these
+
+
+def write_shards(root: Path, rows: int, dim: int, shard_rows: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, start in enumerate(range(0, rows, shard_rows)):
+        n = min(shard_rows, rows - start)
+        table = pa.table(
+            {
+                "image_name": [f"img{start + j}" for j in range(n)],
+                "species_id": rng.integers(0, 7806, n),
+                "embedding": embeddings_to_arrow(rng.normal(size=(n, dim)).astype(np.float32)),
+            }
+        )
+        path = root / f"part-{i:05d}.parquet"
+        pq.write_table(table, path, row_group_size=8192)
+        paths.append(path)
+    return paths
+
+
+def raw_scan(paths: list[Path]) -> int:
+    rows = 0
+    for path in paths:
+        handle = pq.ParquetFile(path)
+        for group in range(handle.num_row_groups):
+            table = handle.read_row_group(group, columns=COLUMNS)
+            rows += len(arrow_to_embeddings(table.column("embedding")))
+            table.column("species_id").to_numpy()
+    return rows
+
+
+def stream_scan(paths: list[Path], batch_size: int, workers: int) -> int:
+    stream = ParquetStream(
+        paths, batch_size=batch_size, columns=COLUMNS, shuffle=True, buffer_size=8192
+    )
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    return sum(len(batch["embedding"]) for batch in loader)
+
+
+def best_rate(fn, repeats: int) -> tuple[float, int]:
+    best, rows = 0.0, 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rows = fn()
+        best = max(best, rows / (time.perf_counter() - start))
+    return best, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=400_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--shard-rows", type=int, default=50_000)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_shards(Path(tmp), args.rows, args.dim, args.shard_rows)
+        raw, stream = 0.0, 0.0
+        for _ in range(args.repeats):  # interleaved: both sides see the same machine load
+            r, n_raw = best_rate(lambda: raw_scan(paths), 1)
+            s, n_stream = best_rate(lambda: stream_scan(paths, args.batch_size, args.workers), 1)
+            assert n_raw == n_stream == args.rows
+            raw, stream = max(raw, r), max(stream, s)
+    size_mb = args.rows * args.dim * 4 / 2**20
+    print(
+        f"{args.rows} rows x {args.dim} float32 ({size_mb:.0f} MiB), batch {args.batch_size}, "
+        f"workers {args.workers}, best of {args.repeats}"
+    )
+    print("| reader | rows/s |\n|---|---|")
+    print(f"| raw pyarrow scan | {raw:,.0f} |")
+    print(f"| ParquetStream (shuffled) | {stream:,.0f} |")
+    print(f"ratio stream/raw = {stream / raw:.2f} (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
