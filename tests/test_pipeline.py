@@ -158,3 +158,12 @@ def test_cli_bad_override_exits_with_message(tmp_path):
     )
     assert out.returncode == 2
     assert "inference.grid_size" in out.stdout + out.stderr
+
+
+def test_streaming_loader_trains_like_the_in_memory_one(trained, tiny_plantclef):
+    root, first = trained
+    summary = train(_train_cfg(root, tiny_plantclef, "fit.loader=streaming"))
+    assert summary["fit_data"]["loader"] == "streaming"
+    assert summary["fit_data"]["images_train"] == first["fit_data"]["images_train"]
+    assert summary["fit_metrics"]["val_images/acc"] > 0.6
+    assert summary["scores"]["macro_f1_per_plot"] > 0.6

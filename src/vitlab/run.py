@@ -27,7 +27,7 @@ from vitlab.config import (
 from vitlab.data.plantclef import list_test_images, read_submission, write_submission
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef, is_complete
 from vitlab.stages.embed import embed_prepared
-from vitlab.stages.fit import fit_head, load_splits, read_label_map, write_label_map
+from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
 from vitlab.stages.predict import (
     BackboneClassifierPredictor,
     EmbeddingHeadPredictor,
@@ -61,6 +61,7 @@ def validate(cfg: DictConfig) -> None:
     require_choice(cfg, "predictor", PREDICTORS)
     require_choice(cfg, "head.optimizer", OPTIMIZERS)
     require_choice(cfg, "fit.mode", ("min", "max"))
+    require_choice(cfg, "fit.loader", LOADERS)
     require_positive(
         cfg,
         "head.lr",
@@ -127,7 +128,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
             summary["prepare_report"] = prepared.manifest.get("report", {})
             with timer.stage("fit"):
-                splits = load_splits(embedded, cfg.dataset.min_images_per_species)
+                splits = load_splits(
+                    embedded, cfg.dataset.min_images_per_species, cfg.fit.loader, cfg.seed
+                )
                 summary["fit_data"] = splits.report
                 result = _fit(cfg, splits, backbone, features, tracker, run_dir, summary)
             predictor = EmbeddingHeadPredictor(
@@ -176,7 +179,7 @@ def _fit(
         weight_decay=cfg.head.weight_decay,
         context=context,
     )
-    has_val = len(splits.y["val"]) > 0
+    has_val = splits.counts["val"] > 0
     monitor = cfg.fit.monitor if has_val else "train/loss"
     mode = cfg.fit.mode if has_val else "min"
     checkpoint_dir = run_dir / "checkpoints"

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings
+from vitlab.data.streaming import ParquetStream
 from vitlab.metrics.classification import accuracy, macro_f1
 from vitlab.tasks.classification import EmbeddingClassifier
 
@@ -25,16 +27,8 @@ log = logging.getLogger(__name__)
 LABEL_MAP_FILE = "label_map.json"
 
 
-@dataclass
-class EmbeddingSplits:
-    species_ids: list[int]
-    x: dict[str, np.ndarray] = field(default_factory=dict)
-    y: dict[str, np.ndarray] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def dim(self) -> int:
-        return int(self.x["train"].shape[1])
+SPLITS = ("train", "val", "test")
+LOADERS = ("memory", "streaming")
 
 
 def species_filter(train_species: np.ndarray, min_images: int) -> list[int]:
@@ -43,36 +37,103 @@ def species_filter(train_species: np.ndarray, min_images: int) -> list[int]:
     return [int(s) for s in ids[counts >= min_images]]
 
 
-def load_splits(stage: ShardedStage, min_images_per_species: int) -> EmbeddingSplits:
-    table = stage.read_table(["species_id", "learn_tag", "embedding"])
-    embeddings = arrow_to_embeddings(table.column("embedding"))
-    species = table.column("species_id").to_numpy()
-    tags = np.asarray(table.column("learn_tag").to_pylist())
+@dataclass
+class EmbeddingSplits:
+    """Labelled embeddings by split (`learn_tag`), restricted to the species of the label map.
+
+    `loader="memory"` holds them as tensors (the common case for heads); `loader="streaming"`
+    reads the shards batch by batch (`ParquetStream`) for data larger than memory. Either way
+    `loader(tag, ...)` gives (x, y) batches."""
+
+    species_ids: list[int]
+    dim: int
+    counts: dict[str, int]
+    report: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    shard_paths: list[Path] = field(default_factory=list)
+    seed: int = 0
+
+    @property
+    def streaming(self) -> bool:
+        return not self.arrays
+
+    def loader(self, tag: str, batch_size: int, shuffle: bool) -> DataLoader | None:
+        if not self.counts.get(tag):
+            return None
+        if not self.streaming:
+            x, y = self.arrays[tag]
+            dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+        stream = ParquetStream(
+            self.shard_paths,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            columns=["species_id", "learn_tag", "embedding"],
+            seed=self.seed,
+        )
+        return DataLoader(LabelledBatches(stream, tag, self.species_ids), batch_size=None)
+
+
+class LabelledBatches(IterableDataset):
+    """(embedding, class index) batches of one split from a `ParquetStream`."""
+
+    def __init__(self, stream: ParquetStream, tag: str, species_ids: list[int]):
+        super().__init__()
+        self.stream, self.tag = stream, tag
+        self.species = np.asarray(species_ids, dtype=np.int64)  # sorted: searchsorted maps
+        self.epochs_started = 0
+
+    def __iter__(self):
+        # Lightning calls set_epoch on samplers only: a new pass is a new epoch's shuffle order
+        self.stream.set_epoch(self.epochs_started)
+        self.epochs_started += 1
+        for batch in self.stream:
+            species = batch["species_id"].astype(np.int64)
+            index = np.searchsorted(self.species, species).clip(0, len(self.species) - 1)
+            keep = (batch["learn_tag"] == self.tag) & (self.species[index] == species)
+            if keep.any():
+                yield torch.from_numpy(batch["embedding"][keep]), torch.from_numpy(index[keep])
+
+
+def load_splits(
+    stage: ShardedStage, min_images_per_species: int, loader: str = "memory", seed: int = 0
+) -> EmbeddingSplits:
+    if loader not in LOADERS:
+        raise ValueError(f"fit.loader={loader!r} is not one of {list(LOADERS)}")
+    labels = stage.read_table(["species_id", "learn_tag"])  # small even for 1.4 M rows
+    species = labels.column("species_id").to_numpy()
+    tags = np.asarray(labels.column("learn_tag").to_pylist())
     kept = species_filter(species[tags == "train"], min_images_per_species)
     if not kept:
         raise ValueError(
             f"dataset.min_images_per_species={min_images_per_species} leaves no species to train on"
         )
-    index_of = {s: i for i, s in enumerate(kept)}
-    splits = EmbeddingSplits(species_ids=kept)
     known = np.isin(species, kept)
-    for tag in ("train", "val", "test"):
-        rows = (tags == tag) & known
-        splits.x[tag] = embeddings[rows]
-        splits.y[tag] = np.array([index_of[int(s)] for s in species[rows]], dtype=np.int64)
-    splits.report = {
+    counts = {tag: int(((tags == tag) & known).sum()) for tag in SPLITS}
+    report = {
         "species_total": int(len(np.unique(species))),
         "species_kept": len(kept),
         "images_dropped_by_species_filter": int((~known).sum()),
-        **{f"images_{tag}": int(len(splits.y[tag])) for tag in ("train", "val", "test")},
+        **{f"images_{tag}": counts[tag] for tag in SPLITS},
+        "loader": loader,
     }
-    log.info("fit data: %s", splits.report)
+    log.info("fit data: %s", report)
+    dim = int(stage.manifest.get("report", {}).get("dim") or 0) or _dim_of(stage)
+    splits = EmbeddingSplits(kept, dim, counts, report, seed=seed)
+    if loader == "streaming":
+        splits.shard_paths = stage.shard_paths()
+        return splits
+    embeddings = arrow_to_embeddings(stage.read_table(["embedding"]).column("embedding"))
+    index_of = {s: i for i, s in enumerate(kept)}
+    for tag in SPLITS:
+        rows = (tags == tag) & known
+        y = np.array([index_of[int(s)] for s in species[rows]], dtype=np.int64)
+        splits.arrays[tag] = (embeddings[rows], y)
     return splits
 
 
-def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
-    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+def _dim_of(stage: ShardedStage) -> int:
+    return int(pq.read_schema(stage.shard_paths()[0]).field("embedding").type.list_size)
 
 
 @dataclass
@@ -83,6 +144,15 @@ class FitResult:
     module: EmbeddingClassifier
 
 
+def evaluate(module: EmbeddingClassifier, loader: DataLoader) -> dict[str, float]:
+    truth, pred = [], []
+    for x, y in loader:
+        pred.append(module.predict_labels(x.numpy()))
+        truth.append(y.numpy())
+    truth_all, pred_all = np.concatenate(truth), np.concatenate(pred)
+    return {"acc": accuracy(truth_all, pred_all), "macro_f1": macro_f1(truth_all, pred_all)}
+
+
 def fit_head(
     splits: EmbeddingSplits,
     module: EmbeddingClassifier,
@@ -90,9 +160,8 @@ def fit_head(
     batch_size: int,
     checkpoint_dir: Path,
 ) -> FitResult:
-    has_val = len(splits.y["val"]) > 0
-    train_loader = _loader(splits.x["train"], splits.y["train"], batch_size, shuffle=True)
-    val_loader = _loader(splits.x["val"], splits.y["val"], batch_size, False) if has_val else None
+    train_loader = splits.loader("train", batch_size, shuffle=True)
+    val_loader = splits.loader("val", batch_size, shuffle=False)
     trainer.fit(module, train_loader, val_loader)
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
@@ -107,10 +176,10 @@ def fit_head(
     if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
         metrics[f"best/{ckpt_cb.monitor}"] = float(ckpt_cb.best_model_score)
     for tag in ("val", "test"):
-        if len(splits.y[tag]):
-            pred = best_module.predict_labels(splits.x[tag])
-            metrics[f"{tag}_images/acc"] = accuracy(splits.y[tag], pred)
-            metrics[f"{tag}_images/macro_f1"] = macro_f1(splits.y[tag], pred)
+        loader = splits.loader(tag, 4096, shuffle=False)
+        if loader is not None:
+            for name, value in evaluate(best_module, loader).items():
+                metrics[f"{tag}_images/{name}"] = value
     return FitResult(best, last, metrics, best_module)
 
 
