@@ -2,7 +2,9 @@
 
 Generates a synthetic PlantCLEF set, prepares it once (local engine), then embeds it with the
 tiny ViT on a cold cache with each engine (the Spark session is started before timing; its
-start-up time is printed separately). Same rows, same model, same batch size.
+start-up time is printed separately). Same rows, same model, same batch size. The local engine
+runs before the Spark session starts and again after it stops; the best local run is the
+reference.
 
 Run: PYTHONPATH=src python benchmarks/spark_vs_local_embed.py [--images-per-species 150]
 """
@@ -55,22 +57,23 @@ def main() -> None:
         )
         rows = prepared.manifest["report"]["images_written"]
         backbone = create_backbone("timm", **TINY)
+
+        def embed_rate(name: str, engine) -> float:
+            cache = root / f"cache-{name}"
+            start = time.perf_counter()
+            embed_prepared(prepared, backbone, ClsToken(), cache, args.batch_size, engine)
+            rate = rows / (time.perf_counter() - start)
+            shutil.rmtree(cache)
+            return rate
+
+        rates = {"local": embed_rate("local", LocalEngine())}
         t0 = time.perf_counter()
         spark = SparkEngine(master=args.master, conf={"spark.ui.enabled": "false"})
         spark.session()
         startup = time.perf_counter() - t0
-        rates = {}
-        for name, engine in (
-            ("local", LocalEngine()),
-            ("spark", spark),
-            ("local again", LocalEngine()),
-        ):
-            cache = root / f"cache-{name.replace(' ', '-')}"
-            start = time.perf_counter()
-            embed_prepared(prepared, backbone, ClsToken(), cache, args.batch_size, engine)
-            rates[name] = rows / (time.perf_counter() - start)
-            shutil.rmtree(cache)
+        rates["spark"] = embed_rate("spark", spark)
         spark.session().stop()
+        rates["local again"] = embed_rate("local-again", LocalEngine())
     local = max(rates["local"], rates["local again"])
     print(
         f"{rows} images, {len(prepared.shard_indices())} shards of {args.shard_size}, "

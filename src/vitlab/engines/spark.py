@@ -2,8 +2,8 @@
 
 Work rows are range-partitioned by shard number and processed with `mapInPandas`; the task
 builds its model once per Python worker process (never pickled from the driver), writes each
-output shard atomically into the stage folder and returns a one-row report, which the driver
-records in the manifest as partitions finish (logging partitions done, rate and ETA). The stage
+output shard atomically (its report beside it) into the stage folder; the driver records each
+shard in the manifest as its file appears (logging shards done, rate and ETA). The stage
 folder must be on a file system every executor sees (local disk for `local[*]`, NFS/shared
 storage on a cluster).
 """
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from vitlab.data.shards import ShardedStage, write_shard_file
+from vitlab.data.shards import ShardedStage, atomic_write_text, shard_name, write_shard_file
 from vitlab.engines.local import ShardTask
 
 log = logging.getLogger(__name__)
@@ -59,41 +60,83 @@ class SparkEngine:
         self, stage: ShardedStage, work: pd.DataFrame, task: ShardTask, desc: str, total_rows: int
     ) -> None:
         spark = self.session()
-        n_shards = work["shard"].nunique()
+        n_shards = int(work["shard"].nunique())
         partitions = max(1, -(-n_shards // self.shards_per_partition))
         frame = spark.createDataFrame(work).repartitionByRange(partitions, "shard")
-        directory = str(stage.directory)
-        run = _partition_runner(task, directory)
-        results = frame.mapInPandas(run, schema=RESULT_SCHEMA)
-        start, done_rows, done = time.perf_counter(), 0, 0
-        for row in results.toLocalIterator():
-            stage.record_shard(int(row.shard), int(row.rows), json.loads(row.report))
-            done += 1
-            done_rows += int(row.rows)
-            elapsed = time.perf_counter() - start
-            rate = done_rows / elapsed if elapsed > 0 else 0.0
-            eta = (total_rows - done_rows) / rate if rate > 0 else float("nan")
-            log.info(
-                "%s [spark %s]: shard %d done (%d/%d), %.1f rows/s, ETA %.0f s",
-                desc,
-                self.master,
-                row.shard,
-                done,
-                n_shards,
-                rate,
-                eta,
-            )
+        results = frame.mapInPandas(
+            _partition_runner(task, str(stage.directory)), schema=RESULT_SCHEMA
+        )
+        # The job runs in a thread; the driver records shards as executors finish them (their
+        # files appear atomically), so a killed job keeps the shards it completed.
+        outcome: list = []
+        job = threading.Thread(target=lambda: outcome.append(results.collect()), daemon=True)
+        job.start()
+        progress = _ShardProgress(desc, self.master, n_shards, total_rows)
+        pending = {int(s) for s in work["shard"].unique()}
+        while pending:
+            finished = not job.is_alive()
+            for shard_no in sorted(pending):
+                rows_report = read_shard_report(stage.directory, shard_no)
+                if rows_report is not None:
+                    stage.record_shard(shard_no, *rows_report)
+                    pending.discard(shard_no)
+                    progress.done(shard_no, rows_report[0])
+            if finished and pending:
+                reason = "failed (see the Spark log above)" if not outcome else "lost shards"
+                raise RuntimeError(f"{desc}: the Spark job {reason}: {sorted(pending)} not done")
+            job.join(timeout=0.5)
+
+
+class _ShardProgress:
+    def __init__(self, desc: str, master: str, shards: int, rows: int):
+        self.desc, self.master, self.shards, self.rows = desc, master, shards, rows
+        self.start, self.done_rows, self.done_shards = time.perf_counter(), 0, 0
+
+    def done(self, shard_no: int, rows: int) -> None:
+        self.done_shards += 1
+        self.done_rows += rows
+        elapsed = time.perf_counter() - self.start
+        rate = self.done_rows / elapsed if elapsed > 0 else 0.0
+        eta = (self.rows - self.done_rows) / rate if rate > 0 else float("nan")
+        log.info(
+            "%s [spark %s]: shard %d done (%d/%d), %.1f rows/s, ETA %.0f s",
+            self.desc,
+            self.master,
+            shard_no,
+            self.done_shards,
+            self.shards,
+            rate,
+            eta,
+        )
+
+
+def report_path(directory: Path, shard_no: int) -> Path:
+    return Path(directory) / f".{shard_name(shard_no)}.report.json"
+
+
+def read_shard_report(directory: Path, shard_no: int) -> tuple[int, dict] | None:
+    """(rows, report) of a shard an executor finished, or None while it is not there."""
+    if not (Path(directory) / shard_name(shard_no)).is_file():
+        return None
+    report = json.loads(report_path(directory, shard_no).read_text())
+    return int(report.pop("rows")), report
 
 
 def _partition_runner(task: ShardTask, directory: str):
     """The function Spark ships to executors: only the task (configs, paths) is pickled."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        work = pd.concat(list(frames), ignore_index=True) if frames else pd.DataFrame()
-        if work.empty:
+        parts = list(frames)
+        if not parts:
             return
+        work = pd.concat(parts, ignore_index=True)
         for shard_no, rows in work.groupby("shard", sort=True):
             table, report = task(int(shard_no), rows, None)
+            # the report goes first: a shard file that exists always has its report beside it
+            atomic_write_text(
+                report_path(Path(directory), int(shard_no)),
+                json.dumps({"rows": table.num_rows, **report}),
+            )
             write_shard_file(Path(directory), int(shard_no), table)
             yield pd.DataFrame(
                 {"shard": [int(shard_no)], "rows": [table.num_rows], "report": [json.dumps(report)]}
