@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
 
 
@@ -19,7 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     plant.add_argument(
         "--max-images-per-species", type=int, default=PlantClefSyntheticSpec.max_images_per_species
     )
+    fungi = sub.add_parser("fungiclef", help="FungiCLEF 2023 production layout (DF20/DF21 CSVs)")
+    fungi.add_argument("out_dir")
+    fungi.add_argument("--seed", type=int, default=0)
+    fungi.add_argument("--n-species", type=int, default=FungiSyntheticSpec.n_species)
     args = parser.parse_args(argv)
+    if args.dataset == "fungiclef":
+        spec = FungiSyntheticSpec(seed=args.seed, n_species=args.n_species)
+        print(f"wrote synthetic FungiCLEF dataset to {generate_fungiclef(args.out_dir, spec)}")
+        return 0
     spec = PlantClefSyntheticSpec(
         seed=args.seed,
         n_species=args.n_species,
