@@ -7,7 +7,6 @@ import pytest
 from vitlab.data.fungiclef import (
     aggregate_by_observation,
     read_metadata,
-    read_poison_list,
     split_df21,
     stratified_observation_folds,
 )
@@ -20,6 +19,7 @@ from vitlab.data.synthetic.fungiclef import (
     FungiSyntheticSpec,
     generate_fungiclef,
 )
+from vitlab.metrics.fungiclef import read_poison_list
 
 
 @pytest.fixture(scope="module")

@@ -75,15 +75,6 @@ def read_metadata(path: str | Path, labelled: bool = True) -> pd.DataFrame:
     return frame
 
 
-def read_poison_list(path: str | Path) -> set[int]:
-    """Poisonous class ids from `class_id,poisonous`; -1 is never poisonous."""
-    frame = pd.read_csv(path)
-    missing = [c for c in ("class_id", "poisonous") if c not in frame.columns]
-    if missing:
-        raise DatasetFormatError(f"{path}: missing required column(s) {missing}")
-    return {int(c) for c in frame.loc[frame["poisonous"] == 1, "class_id"] if int(c) != UNKNOWN}
-
-
 def stratified_observation_folds(observations: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
     """Fold index (0..n_folds-1) of each observation, stratified by class: within each class,
     observations are shuffled (seeded) and dealt round-robin starting at a random fold, so

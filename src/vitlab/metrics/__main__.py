@@ -1,4 +1,5 @@
-"""Score submission files: `python -m vitlab.metrics plantclef --truth T.csv --submission S.csv`.
+"""Score submission files: `python -m vitlab.metrics plantclef --truth T.csv --submission S.csv`,
+or `python -m vitlab.metrics fungiclef --truth T.csv --submission S.csv --poison P.csv`.
 
 Prints one JSON object. Exit code 2 with a message naming the file and line on malformed input.
 """
@@ -10,6 +11,7 @@ import json
 import sys
 
 from vitlab.data.plantclef import DatasetFormatError, read_submission
+from vitlab.metrics.fungiclef import fungiclef_scores, read_fungiclef_csv, read_poison_list
 from vitlab.metrics.plantclef import plantclef_scores
 
 
@@ -19,7 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     plant = sub.add_parser("plantclef", help="PlantCLEF 2024 F1 scores (fractions in [0,1])")
     plant.add_argument("--truth", required=True)
     plant.add_argument("--submission", required=True)
+    fungi = sub.add_parser("fungiclef", help="FungiCLEF 2024 tracks 1-4, macro F1, accuracy")
+    fungi.add_argument("--truth", required=True, help="CSV observationID,class_id")
+    fungi.add_argument("--submission", required=True, help="CSV observationID,class_id")
+    fungi.add_argument("--poison", required=True, help="CSV class_id,poisonous (0/1)")
     args = parser.parse_args(argv)
+    if args.task == "fungiclef":
+        return _fungiclef(args)
     try:
         truth = read_submission(args.truth)
         submission = read_submission(args.submission)
@@ -34,6 +42,23 @@ def main(argv: list[str] | None = None) -> int:
             f"e.g. {missing[:3]}",
             file=sys.stderr,
         )
+    print(json.dumps(scores))
+    return 0
+
+
+def _fungiclef(args: argparse.Namespace) -> int:
+    try:
+        truth = read_fungiclef_csv(args.truth)
+        submission = read_fungiclef_csv(args.submission)
+        poisonous = read_poison_list(args.poison)
+    except DatasetFormatError as err:  # the message already names file and line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        scores = fungiclef_scores(truth, submission, poisonous)
+    except DatasetFormatError as err:  # coverage mismatch: name the files compared
+        print(f"error: {args.submission} vs {args.truth}: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(scores))
     return 0
 
