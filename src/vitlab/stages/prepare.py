@@ -79,16 +79,61 @@ class PrepareShardTask:
             log.warning("prepare: skipped %s", message)
         if progress:
             progress(len(records))
-        table = pa.table(
-            {
-                "image_name": [r.image_name for r, _ in kept],
-                "species_id": [int(r.species_id) for r, _ in kept],
-                "learn_tag": [r.learn_tag for r, _ in kept],
-                "image": [b for _, b in kept],
-            },
-            schema=PREPARED_SCHEMA,
-        )
+        # image_name + the caller's label columns pass through; path and shard do not
+        passthrough = [c for c in rows.columns if c not in ("path", "shard")]
+        columns = {c: [getattr(r, c) for r, _ in kept] for c in passthrough}
+        columns["image"] = [b for _, b in kept]
+        schema = PREPARED_SCHEMA if set(passthrough) == set(PREPARED_SCHEMA.names[:-1]) else None
+        table = pa.table(columns, schema=schema) if kept else _empty_table(rows, schema)
         return table, {"corrupt": corrupt}
+
+
+def _empty_table(rows: pd.DataFrame, schema: pa.Schema | None) -> pa.Table:
+    if schema is not None:
+        return schema.empty_table()
+    fields = [
+        (c, pa.from_numpy_dtype(rows[c].dtype) if rows[c].dtype != object else pa.string())
+        for c in rows.columns
+        if c not in ("path", "shard")
+    ]
+    return pa.schema([*fields, ("image", pa.binary())]).empty_table()
+
+
+def prepare_images(
+    work: pd.DataFrame,
+    key_parts: list[Any],
+    cache_dir: str | Path,
+    params: PrepareParams,
+    engine: Any = None,
+    report: dict[str, Any] | None = None,
+) -> ShardedStage:
+    """Prepared shards of the images in `work` (columns image_name, path, + label columns that
+    are kept), cached under a key of `key_parts` and the parameters."""
+    engine = engine or LocalEngine()
+    key = content_key("prepare-v1", *key_parts, asdict(params))
+    stage = ShardedStage(Path(cache_dir) / "prepare" / key, key, asdict(params))
+    if stage.complete:
+        log.info("prepare: cache hit %s (%s)", key, stage.directory)
+        return stage
+    stage.remove_stale_temporaries()
+    if work.empty:
+        raise ValueError("prepare: no image to prepare")
+    work = work.reset_index(drop=True)
+    work.insert(0, "shard", work.index // params.shard_size)
+    todo = work[~work["shard"].map(stage.has_shard)]
+    if not todo.empty:
+        engine.map_shards(stage, todo, PrepareShardTask(params), "prepare", len(todo))
+    corrupt_all = [n for s in stage.manifest["shards"].values() for n in s.get("corrupt", [])]
+    full_report: dict[str, Any] = {
+        **(report or {}),
+        "images_written": sum(s["rows"] for s in stage.manifest["shards"].values()),
+        "corrupt_images": len(corrupt_all),
+        "corrupt_examples": corrupt_all[:REPORT_LIST_LIMIT],
+        "engine": getattr(engine, "name", "local"),
+    }
+    stage.finish(full_report)
+    log.info("prepare: %s", {k: v for k, v in full_report.items() if not k.endswith("examples")})
+    return stage
 
 
 def prepare_training_images(
@@ -98,22 +143,9 @@ def prepare_training_images(
     params: PrepareParams,
     engine: Any = None,
 ) -> ShardedStage:
-    """Prepared shards for the dataset (cached); `engine` defaults to the local one."""
-    engine = engine or LocalEngine()
+    """PlantCLEF: prepared shards of the training metadata's images (cached)."""
     metadata = read_training_metadata(metadata_csv)
     index = index_images(images_dir)
-    key = content_key(
-        "prepare-v1",
-        file_sha256(metadata_csv),
-        files_fingerprint(index.values(), Path(images_dir)),
-        asdict(params),
-    )
-    stage = ShardedStage(Path(cache_dir) / "prepare" / key, key, asdict(params))
-    if stage.complete:
-        log.info("prepare: cache hit %s (%s)", key, stage.directory)
-        return stage
-    stage.remove_stale_temporaries()
-
     in_folder = metadata["image_name"].isin(index.keys())
     missing = metadata.loc[~in_folder, "image_name"].tolist()
     work = metadata.loc[in_folder, ["image_name", "species_id", "learn_tag"]].reset_index(drop=True)
@@ -127,20 +159,10 @@ def prepare_training_images(
             missing[:3],
         )
     work["path"] = [str(index[name]) for name in work["image_name"]]
-    work.insert(0, "shard", work.index // params.shard_size)
-    todo = work[~work["shard"].map(stage.has_shard)]
-    if not todo.empty:
-        engine.map_shards(stage, todo, PrepareShardTask(params), "prepare", len(todo))
-    corrupt_all = [n for s in stage.manifest["shards"].values() for n in s.get("corrupt", [])]
-    report: dict[str, Any] = {
+    key_parts = [file_sha256(metadata_csv), files_fingerprint(index.values(), Path(images_dir))]
+    report = {
         "metadata_rows": len(metadata),
-        "images_written": sum(s["rows"] for s in stage.manifest["shards"].values()),
         "missing_images": len(missing),
         "missing_examples": missing[:REPORT_LIST_LIMIT],
-        "corrupt_images": len(corrupt_all),
-        "corrupt_examples": corrupt_all[:REPORT_LIST_LIMIT],
-        "engine": getattr(engine, "name", "local"),
     }
-    stage.finish(report)
-    log.info("prepare: %s", {k: v for k, v in report.items() if not k.endswith("examples")})
-    return stage
+    return prepare_images(work, key_parts, cache_dir, params, engine, report)
