@@ -23,7 +23,14 @@ def main(cfg: DictConfig) -> float | None:
     from vitlab.run import train
 
     try:
-        summary = train(cfg)
+        if cfg.pipeline == "fungiclef":
+            from vitlab.run_fungiclef import train_fungiclef
+
+            summary = train_fungiclef(cfg)
+        elif cfg.pipeline == "plantclef":
+            summary = train(cfg)
+        else:
+            raise ConfigError(f"pipeline={cfg.pipeline!r} is not one of ['plantclef', 'fungiclef']")
     except USER_ERRORS as err:
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(2)

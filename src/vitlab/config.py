@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -54,3 +55,17 @@ def require_positive(cfg: DictConfig, *keys: str) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{key} must be a positive number, got {value!r}")
+
+
+def accepted_kwargs(target: str, **candidates: Any) -> dict[str, Any]:
+    """The subset of `candidates` that the `_target_` callable accepts (runtime values such as
+    num_classes or class counts that only some heads/losses take)."""
+    from hydra.utils import get_method
+
+    try:
+        params = inspect.signature(get_method(target)).parameters
+    except (ValueError, TypeError, ImportError) as err:
+        raise ConfigError(f"cannot inspect {target}: {err}") from err
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return candidates
+    return {k: v for k, v in candidates.items() if k in params}

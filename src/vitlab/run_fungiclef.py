@@ -1,0 +1,414 @@
+"""The FungiCLEF pipeline behind `train.py pipeline=fungiclef`: config in, summary out.
+
+(generate) -> prepare + embed every image (DF20, DF21, test) -> DF21 split into the held-out
+test third and folds -> one head per fold (trained on DF20 + the other folds, validated on its
+fold) -> ensemble of the fold heads with the open-set rule -> per-observation predictions ->
+submission + official scores (held-out third always; official test when its truth exists).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from vitlab.cache import directory_fingerprint, file_sha256
+from vitlab.config import ConfigError, instantiate_node, require_choice, to_container
+from vitlab.data.fungiclef import (
+    UNKNOWN,
+    aggregate_by_observation,
+    read_metadata,
+    split_df21,
+)
+from vitlab.data.metadata import MetadataEncoder
+from vitlab.data.shards import arrow_to_embeddings
+from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
+from vitlab.data.synthetic.plantclef import is_complete
+from vitlab.inference.fungiclef import (
+    AVERAGES,
+    ensemble_probabilities,
+    predict_with_open_set,
+    softmax,
+    tune_entropy_threshold,
+)
+from vitlab.metrics.fungiclef import fungiclef_scores, read_poison_list, write_fungiclef_submission
+from vitlab.run import StageTimer, run_dir_of
+from vitlab.stages.embed import embed_prepared
+from vitlab.stages.prepare import PrepareParams, prepare_images
+from vitlab.tasks.fungiclef import IGNORE, FungiClassifier
+from vitlab.tracking import RunTracker, write_json
+
+log = logging.getLogger(__name__)
+SAMPLERS = ("none", "val_distribution")
+
+
+@dataclass
+class Rows:
+    """Aligned per-image arrays of one subset of the data."""
+
+    frame: pd.DataFrame
+    embedding: np.ndarray
+    metadata: np.ndarray
+
+    def take(self, mask: np.ndarray) -> Rows:
+        return Rows(
+            self.frame[mask].reset_index(drop=True), self.embedding[mask], self.metadata[mask]
+        )
+
+
+class RowsDataset(Dataset):
+    def __init__(self, rows: Rows, targets: dict[str, np.ndarray]):
+        self.tensors = {
+            "embedding": torch.from_numpy(rows.embedding),
+            "metadata": torch.from_numpy(rows.metadata),
+            **{k: torch.from_numpy(v) for k, v in targets.items()},
+        }
+
+    def __len__(self) -> int:
+        return len(self.tensors["embedding"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def validation_matching_weights(
+    train_labels: np.ndarray, val_labels: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """Per-sample weights (val frequency / train frequency of the sample's class), so sampling
+    with them gives the validation class distribution; classes absent from validation keep a
+    small weight rather than vanishing."""
+    train = np.bincount(train_labels, minlength=num_classes) / max(len(train_labels), 1)
+    val = np.bincount(val_labels, minlength=num_classes) / max(len(val_labels), 1)
+    floor = 0.1 / num_classes
+    ratio = (np.maximum(val, floor)) / np.maximum(train, 1e-12)
+    return ratio[train_labels]
+
+
+def ensure_fungi_dataset(dataset: DictConfig) -> None:
+    synthetic = dataset.get("synthetic")
+    if synthetic and not is_complete(dataset.root):
+        log.info("generating synthetic FungiCLEF data in %s", dataset.root)
+        generate_fungiclef(dataset.root, FungiSyntheticSpec(**to_container(synthetic)))
+    if not Path(dataset.root).is_dir():
+        raise ConfigError(f"dataset.root={dataset.root} is not a folder")
+
+
+def _image_work(frames: dict[str, tuple[pd.DataFrame, Path]]) -> tuple[pd.DataFrame, list[str]]:
+    """Work rows (image_name, path) for prepare; names are `<part>/<image_path>`."""
+    parts, missing = [], []
+    for part, (frame, folder) in frames.items():
+        names = part + "/" + frame["image_path"].astype(str)
+        paths = [folder / p for p in frame["image_path"].astype(str)]
+        exists = np.array([p.is_file() for p in paths], dtype=bool)
+        missing += names[~exists].tolist()
+        parts.append(
+            pd.DataFrame(
+                {"image_name": names[exists], "path": [str(p) for p, e in zip(paths, exists) if e]}
+            )
+        )
+    return pd.concat(parts, ignore_index=True).drop_duplicates("image_name"), missing
+
+
+def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
+    require_choice(cfg, "sampler", SAMPLERS)
+    require_choice(cfg, "ensemble.average", AVERAGES)
+    require_choice(cfg, "fit.mode", ("min", "max"))
+    pl.seed_everything(cfg.seed, workers=True)
+    backbone = instantiate_node(cfg.backbone, "backbone")
+    features = instantiate_node(cfg.features, "features")
+    engine = instantiate_node(cfg.engine, "engine")
+    prepare_params = PrepareParams(**to_container(cfg.prepare))
+    ds = cfg.dataset
+    ensure_fungi_dataset(ds)
+    df20, df21 = read_metadata(ds.train_csv), read_metadata(ds.val_csv)
+    test = read_metadata(ds.test_csv, labelled=False) if Path(ds.test_csv).is_file() else None
+    poisonous = read_poison_list(ds.poison_csv)
+    run_dir = run_dir_of(cfg)
+    timer = StageTimer()
+    summary: dict[str, Any] = {"task": "train", "pipeline": "fungiclef", "run_dir": str(run_dir)}
+    tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
+    try:
+        parts = {"DF20": (df20, Path(ds.train_images_dir)), "DF21": (df21, Path(ds.val_images_dir))}
+        if test is not None:
+            parts["test"] = (test, Path(ds.test_images_dir))
+        work, missing = _image_work(parts)
+        key_parts = [
+            file_sha256(ds.train_csv),
+            file_sha256(ds.val_csv),
+            directory_fingerprint(ds.train_images_dir),
+            directory_fingerprint(ds.val_images_dir),
+        ]
+        if test is not None:
+            key_parts += [file_sha256(ds.test_csv), directory_fingerprint(ds.test_images_dir)]
+        with timer.stage("prepare"):
+            prepared = prepare_images(
+                work,
+                key_parts,
+                cfg.paths.cache_dir,
+                prepare_params,
+                engine,
+                {"missing_images": len(missing), "missing_examples": missing[:100]},
+            )
+        with timer.stage("embed"):
+            embedded = embed_prepared(
+                prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size, engine
+            )
+        summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
+        summary["prepare_report"] = prepared.manifest.get("report", {})
+        table = embedded.read_table(["image_name", "embedding"])
+        vectors = dict(
+            zip(
+                table.column("image_name").to_pylist(),
+                arrow_to_embeddings(table.column("embedding")),
+            )
+        )
+        encoder = MetadataEncoder().fit(df20)
+        data, meta_missing = {}, {}
+        for part, (frame, _) in parts.items():
+            names = part + "/" + frame["image_path"].astype(str)
+            keep = names.isin(vectors.keys()).to_numpy()  # skipped images drop out, counted
+            frame = frame[keep].reset_index(drop=True)
+            meta, meta_missing[part] = encoder.transform(frame)
+            emb = (
+                np.stack([vectors[n] for n in names[keep]])
+                if keep.any()
+                else np.zeros((0, len(next(iter(vectors.values())))), np.float32)
+            )
+            data[part] = Rows(frame, emb, meta)
+        summary["metadata_missing"] = meta_missing
+        df21_rows = data["DF21"]
+        df21_rows.frame["split"] = split_df21(
+            df21_rows.frame, cfg.dataset.n_folds, cfg.dataset.split_seed
+        ).to_numpy()
+        with timer.stage("fit"):
+            folds = _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summary)
+        with timer.stage("predict"):
+            _ensemble_and_score(cfg, folds, data, df21_rows, poisonous, run_dir, tracker, summary)
+    finally:
+        summary["stage_seconds"] = timer.seconds
+        write_json(run_dir / "summary.json", summary)
+        tracker.finish()
+    return summary
+
+
+@dataclass
+class FoldModel:
+    name: str
+    module: FungiClassifier
+    checkpoint: Path
+    val_rows: Rows
+
+
+def _label_space(df20: pd.DataFrame, df21: pd.DataFrame) -> list[int]:
+    known = sorted(int(c) for c in df20["class_id"].unique() if c != UNKNOWN)
+    return known + ([UNKNOWN] if (df21["class_id"] == UNKNOWN).any() else [])
+
+
+def _targets(
+    rows: Rows, index_of: dict[int, int], vocab: dict[str, dict[str, int]], poisonous: set[int]
+) -> dict[str, np.ndarray]:
+    frame = rows.frame
+    out = {
+        "species": frame["class_id"].map(index_of).fillna(-1).astype(np.int64).to_numpy(),
+        "poisonous": frame["class_id"].isin(poisonous).astype(np.int64).to_numpy(),
+    }
+    for level, mapping in vocab.items():
+        values = frame[level] if level in frame else pd.Series([None] * len(frame))
+        out[level] = values.map(mapping).fillna(IGNORE).astype(np.int64).to_numpy()
+    return out
+
+
+def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summary):
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    species_ids = _label_space(data["DF20"].frame, df21_rows.frame)
+    index_of = {s: i for i, s in enumerate(species_ids)}
+    vocab = {
+        level: {
+            v: i
+            for i, v in enumerate(sorted(data["DF20"].frame[level].dropna().astype(str).unique()))
+        }
+        for level in ("genus", "family")
+        if level in data["DF20"].frame
+    }
+    aux_sizes = {"poisonous": 1, **{k: len(v) for k, v in vocab.items()}}
+    poison_idx = sorted(index_of[c] for c in poisonous if c in index_of)
+    folds = []
+    for fold in range(1, cfg.dataset.n_folds):
+        name = f"fold{fold}"
+        split = df21_rows.frame["split"].to_numpy()
+        extra = df21_rows.take((split != "test") & (split != name))
+        train_rows = _labelled(_concat_rows(data["DF20"], extra), index_of)
+        val_rows = _labelled(df21_rows.take(split == name), index_of)
+        train_t = _targets(train_rows, index_of, vocab, poisonous)
+        val_t = _targets(val_rows, index_of, vocab, poisonous)
+        counts = np.bincount(train_t["species"], minlength=len(species_ids)).tolist()
+        module = FungiClassifier(
+            head=to_container(cfg.head.model),
+            loss=to_container(cfg.loss),
+            embed_dim=train_rows.embedding.shape[1],
+            meta_groups=encoder.groups,
+            species_ids=species_ids,
+            class_counts=counts,
+            poisonous_classes=poison_idx,
+            aux_sizes=aux_sizes,
+            aux_weights=to_container(cfg.aux_targets),
+            optimizer=cfg.head.optimizer,
+            lr=cfg.head.lr,
+            weight_decay=cfg.head.weight_decay,
+            scheduler=to_container(cfg.head.scheduler),
+            monitor=cfg.fit.monitor,
+            mode=cfg.fit.mode,
+            context={
+                "backbone": to_container(cfg.backbone),
+                "features": to_container(cfg.features),
+                "encoder": encoder.state(),
+                "genus_vocab": vocab.get("genus"),
+                "cache_keys": summary["cache_keys"],
+            },
+        )
+        train_set = RowsDataset(train_rows, train_t)
+        if cfg.sampler == "val_distribution":
+            weights = validation_matching_weights(
+                train_t["species"], val_t["species"], len(species_ids)
+            )
+            loader = DataLoader(
+                train_set,
+                batch_size=cfg.head.batch_size,
+                sampler=WeightedRandomSampler(weights, len(weights)),
+            )
+        else:
+            loader = DataLoader(train_set, batch_size=cfg.head.batch_size, shuffle=True)
+        val_loader = DataLoader(RowsDataset(val_rows, val_t), batch_size=4096)
+        ckpt_dir = run_dir / "checkpoints" / name
+        callbacks = [
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="best",
+                monitor=cfg.fit.monitor,
+                mode=cfg.fit.mode,
+                save_last=True,
+            )
+        ]
+        if cfg.fit.early_stopping_patience:
+            callbacks.append(
+                EarlyStopping(
+                    monitor=cfg.fit.monitor,
+                    mode=cfg.fit.mode,
+                    patience=cfg.fit.early_stopping_patience,
+                )
+            )
+        trainer = instantiate_node(
+            cfg.trainer,
+            "trainer",
+            callbacks=callbacks,
+            logger=tracker.loggers,
+            default_root_dir=str(run_dir),
+        )
+        trainer.fit(module, loader, val_loader)
+        best = Path(callbacks[0].best_model_path or callbacks[0].last_model_path)
+        folds.append(
+            FoldModel(
+                name, FungiClassifier.load_from_checkpoint(best, map_location="cpu"), best, val_rows
+            )
+        )
+        summary.setdefault("folds", {})[name] = {
+            "checkpoint": str(best),
+            "train_images": len(train_rows.frame),
+            "val_images": len(val_rows.frame),
+        }
+    summary["species_ids"] = species_ids
+    return folds
+
+
+def _labelled(rows: Rows, index_of: dict[int, int]) -> Rows:
+    """Rows whose class is in the label space (DF21 species unseen in DF20 are -1, which is in
+    it when DF21 has unknowns)."""
+    return rows.take(rows.frame["class_id"].isin(index_of.keys()).to_numpy())
+
+
+def _concat_rows(a: Rows, b: Rows) -> Rows:
+    return Rows(
+        pd.concat([a.frame, b.frame], ignore_index=True),
+        np.concatenate([a.embedding, b.embedding]),
+        np.concatenate([a.metadata, b.metadata]),
+    )
+
+
+def _observation_predictions(logits_per_model, rows: Rows, species_ids, average, threshold):
+    probs = ensemble_probabilities(logits_per_model, average)
+    obs_ids, obs_probs = aggregate_by_observation(rows.frame["observationID"].to_numpy(), probs)
+    return obs_ids, obs_probs, predict_with_open_set(obs_probs, species_ids, threshold)
+
+
+def _truth(rows: Rows) -> dict[int, int]:
+    first = rows.frame.groupby("observationID")["class_id"].first()
+    return {int(k): int(v) for k, v in first.items()}
+
+
+def _ensemble_and_score(cfg, folds, data, df21_rows, poisonous, run_dir, tracker, summary):
+    species_ids = summary["species_ids"]
+    average = cfg.ensemble.average
+    threshold = cfg.ensemble.open_set_threshold
+    if threshold == "tune":  # on out-of-fold validation predictions: no test data involved
+        oof_ids, oof_probs, oof_truth = [], [], []
+        for fold in folds:
+            logits = fold.module.predict_logits(fold.val_rows.embedding, fold.val_rows.metadata)
+            ids, probs = aggregate_by_observation(
+                fold.val_rows.frame["observationID"].to_numpy(), softmax(logits)
+            )
+            truth = _truth(fold.val_rows)
+            oof_ids += ids.tolist()
+            oof_probs.append(probs)
+            oof_truth += [truth[i] for i in ids]
+        threshold, error = tune_entropy_threshold(
+            np.concatenate(oof_probs), species_ids, np.asarray(oof_truth)
+        )
+        summary["open_set"] = {"tuned_threshold": threshold, "oof_track1": error}
+    held_out = df21_rows.take(df21_rows.frame["split"].to_numpy() == "test")
+    truth = _truth(held_out)
+    results = {}
+    members = {f.name: [f] for f in folds}
+    members["ensemble"] = folds
+    for name, models in members.items():
+        logits = [m.module.predict_logits(held_out.embedding, held_out.metadata) for m in models]
+        obs_ids, _, pred = _observation_predictions(
+            logits, held_out, species_ids, average, threshold
+        )
+        results[name] = fungiclef_scores(
+            truth, dict(zip(obs_ids.tolist(), pred.tolist())), poisonous
+        )
+    summary["held_out_scores"] = results
+    tracker.log_metrics(
+        {f"held_out/{k}": v for k, v in results["ensemble"].items() if v is not None}
+    )
+    tracker.log_table(
+        "held_out_scores",
+        ["model", *results["ensemble"]],
+        [[n, *r.values()] for n, r in results.items()],
+    )
+    log.info("held-out DF21 third: %s", results["ensemble"])
+    if "test" in data and len(data["test"].frame):
+        rows = data["test"]
+        logits = [f.module.predict_logits(rows.embedding, rows.metadata) for f in folds]
+        obs_ids, _, pred = _observation_predictions(logits, rows, species_ids, average, threshold)
+        predictions = dict(zip(obs_ids.tolist(), pred.tolist()))
+        submission = write_fungiclef_submission(predictions, run_dir / "submission.csv")
+        summary["submission"] = str(submission)
+        truth_path = Path(cfg.dataset.test_ground_truth)
+        if truth_path.is_file():
+            from vitlab.metrics.fungiclef import read_fungiclef_csv
+
+            scores = fungiclef_scores(read_fungiclef_csv(truth_path), predictions, poisonous)
+            summary["scores"] = scores
+            write_json(run_dir / "scores.json", scores)
+            tracker.log_metrics({f"test/{k}": v for k, v in scores.items() if v is not None})
+            log.info("official test: %s", scores)

@@ -1,0 +1,160 @@
+"""FungiCLEF head training: embeddings + metadata -> species (+ auxiliary targets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from vitlab.config import accepted_kwargs, instantiate_node
+from vitlab.tasks.classification import OPTIMIZERS
+
+SCHEDULERS = ("none", "cosine_warm_restarts", "plateau")
+IGNORE = -100  # auxiliary target unknown for this row (e.g. the genus of an unknown species)
+
+
+def build_loss(
+    loss_cfg: dict[str, Any],
+    num_classes: int,
+    class_counts: list[int],
+    poisonous_classes: list[int],
+) -> torch.nn.Module:
+    """Instantiate the main loss. `class_counts: train` means the training set's counts (a fixed
+    prior); `accumulate` or absent lets seesaw accumulate counts over the batches it sees."""
+    cfg = dict(loss_cfg)
+    mode = cfg.pop("class_counts", None)
+    runtime = {"num_classes": num_classes, "poisonous_classes": poisonous_classes}
+    if mode == "train":
+        runtime["class_counts"] = class_counts
+    elif mode not in (None, "accumulate"):
+        raise ValueError(f"loss.class_counts={mode!r} is not one of ['train', 'accumulate']")
+    return instantiate_node(cfg, "loss", **accepted_kwargs(cfg["_target_"], **runtime))
+
+
+class FungiClassifier(pl.LightningModule):
+    def __init__(
+        self,
+        head: dict[str, Any],
+        loss: dict[str, Any],
+        embed_dim: int,
+        meta_groups: dict[str, tuple[int, int]],
+        species_ids: list[int],
+        class_counts: list[int],
+        poisonous_classes: list[int],
+        aux_sizes: dict[str, int],
+        aux_weights: dict[str, float],
+        optimizer: str = "adamw",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        scheduler: dict[str, Any] | None = None,
+        monitor: str = "val/loss",
+        mode: str = "min",
+        context: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"head.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
+        self.save_hyperparameters()
+        meta_dim = max((end for _, end in meta_groups.values()), default=0)
+        active_aux = {k: v for k, v in aux_sizes.items() if aux_weights.get(k, 0) > 0}
+        runtime = {
+            "embed_dim": embed_dim,
+            "meta_dim": meta_dim,
+            "meta_groups": meta_groups,
+            "num_classes": len(species_ids),
+            "aux_outputs": active_aux,
+        }
+        self.head = instantiate_node(
+            head, "head.model", **accepted_kwargs(head["_target_"], **runtime)
+        )
+        self.loss_fn = build_loss(loss, len(species_ids), class_counts, poisonous_classes)
+        self.aux_weights = {k: float(aux_weights[k]) for k in active_aux}
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, embedding: torch.Tensor, metadata: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(embedding, metadata)
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        out = self(batch["embedding"], batch["metadata"])
+        terms = {"species": self.loss_fn(out["species"], batch["species"])}
+        for name, weight in self.aux_weights.items():
+            target = batch[name]
+            if name == "poisonous":
+                terms[name] = weight * F.binary_cross_entropy_with_logits(
+                    out[name].squeeze(1), target.float()
+                )
+            elif (target != IGNORE).any():
+                terms[name] = weight * F.cross_entropy(out[name], target, ignore_index=IGNORE)
+        return sum(terms.values()), terms, out["species"]
+
+    def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+        loss, terms, _ = self._losses(batch)
+        n = len(batch["species"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
+        loss, _, logits = self._losses(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self._val.append((logits.argmax(-1).cpu(), batch["species"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val:
+            pred = torch.cat([p for p, _ in self._val])
+            truth = torch.cat([t for _, t in self._val])
+            self._val.clear()
+            self.log("val/acc", (pred == truth).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = OPTIMIZERS[hp.optimizer](
+            self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay
+        )
+        scheduler = dict(hp.scheduler or {"name": "none"})
+        name = scheduler.pop("name", "none")
+        if name == "none":
+            return optimizer
+        if name == "cosine_warm_restarts":
+            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+                optimizer,
+                T_0=int(scheduler.get("T_0", 10)),
+                T_mult=int(scheduler.get("T_mult", 1)),
+                eta_min=float(scheduler.get("eta_min", 0.0)),
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": sched, "interval": "epoch"},
+            }
+        if name == "plateau":  # its mode must follow the monitored metric's direction
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode=hp.mode,
+                factor=float(scheduler.get("factor", 0.5)),
+                patience=int(scheduler.get("patience", 2)),
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": sched, "monitor": hp.monitor, "interval": "epoch"},
+            }
+        raise ValueError(f"head.scheduler.name={name!r} is not one of {list(SCHEDULERS)}")
+
+    @torch.inference_mode()
+    def predict_logits(
+        self, embedding: np.ndarray, metadata: np.ndarray, batch_size: int = 4096
+    ) -> np.ndarray:
+        self.eval()
+        out = [
+            self(
+                torch.as_tensor(embedding[i : i + batch_size]),
+                torch.as_tensor(metadata[i : i + batch_size]),
+            )["species"]
+            .float()
+            .numpy()
+            for i in range(0, len(embedding), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.hparams.species_ids)))
