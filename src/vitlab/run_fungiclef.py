@@ -39,7 +39,13 @@ from vitlab.inference.fungiclef import (
     softmax,
     tune_entropy_threshold,
 )
-from vitlab.metrics.fungiclef import fungiclef_scores, read_poison_list, write_fungiclef_submission
+from vitlab.metrics.fungiclef import (
+    fungiclef_scores,
+    read_fungiclef_csv,
+    read_poison_list,
+    write_fungiclef_submission,
+)
+from vitlab.reports import embedding_map_png, per_class_f1, poison_confusion
 from vitlab.run import StageTimer, run_dir_of
 from vitlab.stages.embed import embed_prepared
 from vitlab.stages.prepare import PrepareParams, prepare_images
@@ -377,7 +383,7 @@ def _ensemble_and_score(cfg, folds, data, df21_rows, poisonous, run_dir, tracker
     truth = _truth(held_out)
     results = {}
     members = {f.name: [f] for f in folds}
-    members["ensemble"] = folds
+    members["ensemble"] = folds  # last: the views below use its predictions
     for name, models in members.items():
         logits = [m.module.predict_logits(held_out.embedding, held_out.metadata) for m in models]
         obs_ids, _, pred = _observation_predictions(
@@ -387,6 +393,7 @@ def _ensemble_and_score(cfg, folds, data, df21_rows, poisonous, run_dir, tracker
             truth, dict(zip(obs_ids.tolist(), pred.tolist())), poisonous
         )
     summary["held_out_scores"] = results
+    _log_views(cfg, held_out, truth, obs_ids, pred, poisonous, run_dir, tracker, summary)
     tracker.log_metrics(
         {f"held_out/{k}": v for k, v in results["ensemble"].items() if v is not None}
     )
@@ -405,10 +412,34 @@ def _ensemble_and_score(cfg, folds, data, df21_rows, poisonous, run_dir, tracker
         summary["submission"] = str(submission)
         truth_path = Path(cfg.dataset.test_ground_truth)
         if truth_path.is_file():
-            from vitlab.metrics.fungiclef import read_fungiclef_csv
-
             scores = fungiclef_scores(read_fungiclef_csv(truth_path), predictions, poisonous)
             summary["scores"] = scores
             write_json(run_dir / "scores.json", scores)
             tracker.log_metrics({f"test/{k}": v for k, v in scores.items() if v is not None})
             log.info("official test: %s", scores)
+
+
+def _log_views(cfg, held_out: Rows, truth, obs_ids, pred, poisonous, run_dir, tracker, summary):
+    """Poisonous/edible confusion, the worst classes' F1 and an embedding map (ensemble)."""
+    y_true = np.array([truth[i] for i in obs_ids.tolist()])
+    confusion = poison_confusion(y_true, pred, poisonous)
+    summary["held_out_poison_confusion"] = {"rows=truth(edible,poisonous)": confusion.tolist()}
+    tracker.log_table(
+        "poison_confusion",
+        ["truth", "predicted edible", "predicted poisonous"],
+        [["edible", *confusion[0]], ["poisonous", *confusion[1]]],
+    )
+    worst = sorted(per_class_f1(y_true, pred).items(), key=lambda kv: (kv[1][0], -kv[1][1]))
+    tracker.log_table(
+        "worst_classes_f1",
+        ["class_id", "f1", "support"],
+        [[c, round(f, 4), n] for c, (f, n) in worst[: cfg.report.worst_classes]],
+    )
+    image = embedding_map_png(
+        held_out.embedding,
+        held_out.frame["class_id"].to_numpy(),
+        run_dir / "embedding_map.png",
+        cfg.report.embedding_map,
+    )
+    if image is not None:
+        tracker.log_image("embedding_map", image)

@@ -1,0 +1,84 @@
+"""Views a person would rather see than read: poisonous/edible confusion, worst classes,
+embedding maps. Pure computations plus PNG writers (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+EMBEDDING_MAPS = ("umap", "pca", "none")
+
+
+def poison_confusion(truth: np.ndarray, pred: np.ndarray, poisonous: Iterable[int]) -> np.ndarray:
+    """2x2 counts: rows = truth (edible, poisonous), columns = prediction (edible, poisonous)."""
+    mask = np.asarray(sorted(set(poisonous)))
+    t = np.isin(truth, mask).astype(int)
+    p = np.isin(pred, mask).astype(int)
+    out = np.zeros((2, 2), dtype=int)
+    np.add.at(out, (t, p), 1)
+    return out
+
+
+def per_class_f1(truth: np.ndarray, pred: np.ndarray) -> dict[int, tuple[float, int]]:
+    """class -> (F1, support in truth) over the union of labels."""
+    out = {}
+    for label in np.union1d(truth, pred):
+        tp = int(np.sum((truth == label) & (pred == label)))
+        fp = int(np.sum((truth != label) & (pred == label)))
+        fn = int(np.sum((truth == label) & (pred != label)))
+        out[int(label)] = (2 * tp / (2 * tp + fp + fn) if tp else 0.0, tp + fn)
+    return out
+
+
+def project_2d(embeddings: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
+    if method == "pca":
+        centred = embeddings - embeddings.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        return centred @ vt[:2].T
+    if method == "umap":
+        try:
+            import umap
+        except ImportError as err:
+            raise ImportError(
+                "report.embedding_map=umap needs umap-learn "
+                "(pip install umap-learn) or use report.embedding_map=pca"
+            ) from err
+        reducer = umap.UMAP(
+            n_components=2, n_neighbors=min(15, len(embeddings) - 1), random_state=seed
+        )
+        return reducer.fit_transform(embeddings)
+    raise ValueError(f"report.embedding_map={method!r} is not one of {list(EMBEDDING_MAPS)}")
+
+
+def embedding_map_png(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+    method: str,
+    top_k: int = 10,
+    title: str = "",
+) -> Path | None:
+    """Scatter of the 2-D projection of the embeddings of the `top_k` most frequent labels."""
+    if method == "none" or len(embeddings) < 3:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values, counts = np.unique(labels, return_counts=True)
+    top = values[np.argsort(-counts, kind="stable")[:top_k]]
+    keep = np.isin(labels, top)
+    xy = project_2d(embeddings[keep], method)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label in top:
+        sel = labels[keep] == label
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=8, label=str(label))
+    ax.legend(fontsize=6, markerscale=2, loc="best")
+    ax.set_title(title or f"{method.upper()} of embeddings, top {len(top)} classes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
