@@ -84,6 +84,31 @@ class RowsDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
 
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch in one indexing per tensor (DataLoader uses this when present); the
+        per-row path would dominate the cost of training a head on embeddings."""
+        index = torch.as_tensor(indices)
+        return {k: v[index] for k, v in self.tensors.items()}
+
+
+def batch_loader(
+    dataset: RowsDataset,
+    batch_size: int,
+    shuffle: bool = False,
+    sampler: torch.utils.data.Sampler | None = None,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        collate_fn=_already_batched,
+    )
+
+
+def _already_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch
+
 
 def validation_matching_weights(
     train_labels: np.ndarray, val_labels: np.ndarray, num_classes: int
@@ -282,18 +307,14 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summa
             },
         )
         train_set = RowsDataset(train_rows, train_t)
+        sampler = None
         if cfg.sampler == "val_distribution":
             weights = validation_matching_weights(
                 train_t["species"], val_t["species"], len(species_ids)
             )
-            loader = DataLoader(
-                train_set,
-                batch_size=cfg.head.batch_size,
-                sampler=WeightedRandomSampler(weights, len(weights)),
-            )
-        else:
-            loader = DataLoader(train_set, batch_size=cfg.head.batch_size, shuffle=True)
-        val_loader = DataLoader(RowsDataset(val_rows, val_t), batch_size=4096)
+            sampler = WeightedRandomSampler(weights, len(weights))
+        loader = batch_loader(train_set, cfg.head.batch_size, shuffle=True, sampler=sampler)
+        val_loader = batch_loader(RowsDataset(val_rows, val_t), 4096)
         ckpt_dir = run_dir / "checkpoints" / name
         callbacks = [
             ModelCheckpoint(
