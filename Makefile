@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitlab-installed
 
-.PHONY: setup quickstart test test-all lint format bench clean
+.PHONY: setup quickstart quickstart-fungiclef test test-all lint format bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 
 quickstart: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python train.py
+
+quickstart-fungiclef: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python train.py experiment=quickstart_fungiclef
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
