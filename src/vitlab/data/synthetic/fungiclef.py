@@ -66,6 +66,7 @@ class FungiSyntheticSpec:
     test_fraction: float = 0.3
     image_size: tuple[int, int] = (160, 300)
     missing_rate: float = 0.05
+    metadata_signal: float = 0.5  # chance that substrate/habitat follow the species' preference
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,12 @@ def _observation_rows(
     def maybe(value):
         return None if rng.random() < spec.missing_rate else value
 
-    substrate = sp.substrate if rng.random() < 0.8 else int(rng.integers(len(SUBSTRATES)))
-    habitat = sp.habitat if rng.random() < 0.8 else int(rng.integers(len(HABITATS)))
-    month = (sp.month - 1 + int(rng.integers(-1, 2))) % 12 + 1
-    lat, lon = sp.lat + rng.normal(0, 0.15), sp.lon + rng.normal(0, 0.15)
+    # metadata is informative, not decisive: each group is often off the species' preference
+    keep = spec.metadata_signal
+    substrate = sp.substrate if rng.random() < keep else int(rng.integers(len(SUBSTRATES)))
+    habitat = sp.habitat if rng.random() < keep else int(rng.integers(len(HABITATS)))
+    month = (sp.month - 1 + int(rng.integers(-2, 3))) % 12 + 1
+    lat, lon = sp.lat + rng.normal(0, 0.6), sp.lon + rng.normal(0, 0.9)
     meta = {  # one observation: the same (possibly missing) metadata on each of its images
         "month": maybe(month),
         "day": maybe(int(rng.integers(1, 29))),
