@@ -17,6 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from vitlab.data.shards import atomic_write_text
+
 log = logging.getLogger(__name__)
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -78,7 +80,5 @@ class RunTracker:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     return path

@@ -124,14 +124,13 @@ def parse_species_ids(text: str) -> list[int]:
 
 def write_submission(predictions: Mapping[str, Sequence[int]], path: str | Path) -> Path:
     """Write `plot_id;species_ids` rows, sorted by plot id, atomically (temp file + rename)."""
+    from vitlab.data.shards import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        handle.write(";".join(SUBMISSION_HEADER) + "\n")
-        for plot_id in sorted(predictions):
-            handle.write(f"{plot_id};{format_species_ids(predictions[plot_id])}\n")
-    os.replace(tmp, path)
+    lines = [";".join(SUBMISSION_HEADER)]
+    lines += [f"{p};{format_species_ids(predictions[p])}" for p in sorted(predictions)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from vitlab.data.plantclef import DatasetFormatError
+from vitlab.data.shards import atomic_write_text
 
 UNKNOWN = -1
 COLUMNS = ("observationID", "class_id")
@@ -124,12 +124,8 @@ def write_fungiclef_submission(predictions: Mapping[int, int], path: str | Path)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        handle.write(",".join(COLUMNS) + "\n")
-        for obs in sorted(predictions):
-            handle.write(f"{int(obs)},{int(predictions[obs])}\n")
-    os.replace(tmp, path)
+    lines = [",".join(COLUMNS)] + [f"{int(o)},{int(predictions[o])}" for o in sorted(predictions)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
