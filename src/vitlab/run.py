@@ -161,8 +161,6 @@ def _fit(
     run_dir: Path,
     summary: dict[str, Any],
 ):
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-
     context = {
         "backbone": to_container(cfg.backbone),
         "features": to_container(cfg.features),
@@ -183,7 +181,29 @@ def _fit(
     monitor = cfg.fit.monitor if has_val else "train/loss"
     mode = cfg.fit.mode if has_val else "min"
     checkpoint_dir = run_dir / "checkpoints"
-    callbacks = [
+    trainer = build_trainer(cfg, tracker, run_dir, checkpoint_dir, monitor, mode)
+    result = fit_head(splits, module, trainer, cfg.head.batch_size, checkpoint_dir)
+    if result.last_checkpoint:
+        write_label_map(result.last_checkpoint.parent, splits.species_ids)
+    summary["best_checkpoint"] = str(result.best_checkpoint)
+    summary["fit_metrics"] = result.metrics
+    tracker.log_metrics({f"final/{k}": v for k, v in result.metrics.items()})
+    return result
+
+
+def build_trainer(
+    cfg: DictConfig,
+    tracker: RunTracker,
+    run_dir: Path,
+    checkpoint_dir: Path,
+    monitor: str,
+    mode: str,
+) -> pl.Trainer:
+    """The configured Trainer with best/last checkpoints (`best.ckpt`, `last.ckpt`) and early
+    stopping on `monitor`, logging to the run's CSV/W&B loggers."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    callbacks: list[pl.Callback] = [
         ModelCheckpoint(
             dirpath=checkpoint_dir,
             filename="best",
@@ -197,20 +217,13 @@ def _fit(
         callbacks.append(
             EarlyStopping(monitor=monitor, mode=mode, patience=cfg.fit.early_stopping_patience)
         )
-    trainer = instantiate_node(
+    return instantiate_node(
         cfg.trainer,
         "trainer",
         callbacks=callbacks,
         logger=tracker.loggers,
         default_root_dir=str(run_dir),
     )
-    result = fit_head(splits, module, trainer, cfg.head.batch_size, checkpoint_dir)
-    if result.last_checkpoint:
-        write_label_map(result.last_checkpoint.parent, splits.species_ids)
-    summary["best_checkpoint"] = str(result.best_checkpoint)
-    summary["fit_metrics"] = result.metrics
-    tracker.log_metrics({f"final/{k}": v for k, v in result.metrics.items()})
-    return result
 
 
 def _predict_and_score(

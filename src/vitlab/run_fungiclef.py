@@ -46,7 +46,7 @@ from vitlab.metrics.fungiclef import (
     write_fungiclef_submission,
 )
 from vitlab.reports import embedding_map_png, per_class_f1, poison_confusion
-from vitlab.run import StageTimer, run_dir_of
+from vitlab.run import StageTimer, build_trainer, run_dir_of
 from vitlab.stages.embed import embed_prepared
 from vitlab.stages.prepare import PrepareParams, prepare_images
 from vitlab.tasks.fungiclef import IGNORE, FungiClassifier
@@ -258,8 +258,6 @@ def _targets(
 
 
 def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summary):
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-
     species_ids = _label_space(data["DF20"].frame, df21_rows.frame)
     index_of = {s: i for i, s in enumerate(species_ids)}
     vocab = {
@@ -315,33 +313,12 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summa
             sampler = WeightedRandomSampler(weights, len(weights))
         loader = batch_loader(train_set, cfg.head.batch_size, shuffle=True, sampler=sampler)
         val_loader = batch_loader(RowsDataset(val_rows, val_t), 4096)
-        ckpt_dir = run_dir / "checkpoints" / name
-        callbacks = [
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                filename="best",
-                monitor=cfg.fit.monitor,
-                mode=cfg.fit.mode,
-                save_last=True,
-            )
-        ]
-        if cfg.fit.early_stopping_patience:
-            callbacks.append(
-                EarlyStopping(
-                    monitor=cfg.fit.monitor,
-                    mode=cfg.fit.mode,
-                    patience=cfg.fit.early_stopping_patience,
-                )
-            )
-        trainer = instantiate_node(
-            cfg.trainer,
-            "trainer",
-            callbacks=callbacks,
-            logger=tracker.loggers,
-            default_root_dir=str(run_dir),
+        trainer = build_trainer(
+            cfg, tracker, run_dir, run_dir / "checkpoints" / name, cfg.fit.monitor, cfg.fit.mode
         )
         trainer.fit(module, loader, val_loader)
-        best = Path(callbacks[0].best_model_path or callbacks[0].last_model_path)
+        ckpt = trainer.checkpoint_callback
+        best = Path(ckpt.best_model_path or ckpt.last_model_path)
         folds.append(
             FoldModel(
                 name, FungiClassifier.load_from_checkpoint(best, map_location="cpu"), best, val_rows

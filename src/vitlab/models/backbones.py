@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def preprocess_batch(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torc
     return (pixels - mean) / std
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, ABC):
     """Common interface; subclasses set the attributes below."""
 
     num_prefix_tokens: int
@@ -55,15 +56,16 @@ class Backbone(nn.Module):
     class_ids: list[int] | None = None  # species id of each classifier output, when known
     build_args: dict[str, Any] | None = None  # set by create_backbone
 
+    @abstractmethod
     def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # abstract
+        """Normalised pixels (B, 3, S, S) -> tokens (B, T, D)."""
 
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"backbone {type(self).__name__} has no classifier head")
 
+    @abstractmethod
     def identity(self) -> dict[str, Any]:
         """Everything that determines the weights, for cache keys."""
-        raise NotImplementedError  # abstract
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
