@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 from vitlab.data.shards import arrow_to_embeddings, embeddings_to_arrow
 from vitlab.data.streaming import ParquetStream
 
-
 COLUMNS = ["species_id", "embedding"]  # what head training reads; both readers read these
 
 
