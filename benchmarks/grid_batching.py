@@ -4,7 +4,8 @@ Runs `predict_quadrats` with GridArgmax(3) on synthetic PlantCLEF quadrats, with
 EmbeddingHeadPredictor (random-init tiny ViT + CLS token + random LinearHead), twice:
 batched (batch_size=64, quadrats_per_batch=4: the 36 tiles of 4 quadrats per forward) and
 unbatched (batch_size=1, quadrats_per_batch=1). Tiles/s includes decoding the quadrats and cutting
-the tiles (done in the predict stage's background thread). Both settings are measured in the same
+the tiles (done in the predict stage's background thread); decoding and cutting alone (no model)
+is timed too, as the ceiling the loader sets. Both settings are measured in the same
 process, interleaved over N repeats, after a warm-up; each setting's best repeat is reported.
 `--vitb` adds the random-init ViT-B/14 (224 px) on a few quadrats.
 
@@ -17,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import format_share, report_load, set_quiet_wait, timed_with_noise
 
 from vitlab.data.plantclef import list_test_images
 from vitlab.data.synthetic.plantclef import (
@@ -38,10 +38,11 @@ from vitlab.inference.plantclef import GridArgmax
 from vitlab.models.backbones import Backbone, create_backbone
 from vitlab.models.features import ClsToken
 from vitlab.models.heads import LinearHead
-from vitlab.stages.predict import EmbeddingHeadPredictor, predict_quadrats
+from vitlab.stages.predict import EmbeddingHeadPredictor, cut_tiles, predict_quadrats
 
 N_SPECIES = 12
 SETTINGS = {"batched": (64, 4), "one tile per forward": (1, 1)}  # (batch_size, quadrats_per_batch)
+CUT_ONLY = "decode + cut only"
 
 
 @dataclass(frozen=True)
@@ -87,36 +88,53 @@ def build_predictor(setup: ModelSetup, species_ids: list[int]) -> EmbeddingHeadP
 
 def tiles_per_second(
     paths: list[Path], predictor: EmbeddingHeadPredictor, batch_size: int, quadrats: int
-) -> tuple[float, int]:
-    start = time.perf_counter()
-    result = predict_quadrats(
-        paths, GridArgmax(3), predictor, batch_size=batch_size, quadrats_per_batch=quadrats
+) -> tuple[float, int, float | None]:
+    """(tiles/s, tiles, share of the machine's CPU other processes used meanwhile)"""
+    result, seconds, others = timed_with_noise(
+        lambda: predict_quadrats(
+            paths, GridArgmax(3), predictor, batch_size=batch_size, quadrats_per_batch=quadrats
+        )
     )
-    elapsed = time.perf_counter() - start
     if result.skipped:
         raise RuntimeError(f"unreadable quadrats: {result.skipped}")
-    return result.tile_count / elapsed, result.tile_count
+    return result.tile_count / seconds, result.tile_count, others
+
+
+def cut_only_rate(paths: list[Path], size: int) -> tuple[float, int, float | None]:
+    """tiles/s of decoding the quadrats and cutting the tiles alone (no model, one thread):
+    what the predict stage's loader thread has to keep up with."""
+
+    def cut_all() -> int:
+        quadrats = [cut_tiles(p, GridArgmax(3), size, True) for p in paths]
+        return sum(len(q.tiles) for q in quadrats if q.tiles is not None)
+
+    tiles, seconds, others = timed_with_noise(cut_all)
+    return tiles / seconds, tiles, others
 
 
 def benchmark(
     setup: ModelSetup, paths: list[Path], species_ids: list[int], repeats: int
-) -> dict[str, float]:
+) -> dict[str, tuple[float, float | None]]:
+    """Best tiles/s of each setting, with the others' CPU share during that run."""
     predictor = build_predictor(setup, species_ids)
     print(f"[{setup.label}] warm-up on {min(4, len(paths))} quadrats ...", flush=True)
     for batch_size, quadrats in SETTINGS.values():
         predict_quadrats(paths[:4], GridArgmax(3), predictor, batch_size, quadrats)
-    rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    names = [*SETTINGS, CUT_ONLY]
+    rates: dict[str, list[tuple[float, float | None]]] = {name: [] for name in names}
     for r in range(repeats):
-        order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))
-        for name in order:
-            rate, tiles = tiles_per_second(paths, predictor, *SETTINGS[name])
-            rates[name].append(rate)
+        for name in names if r % 2 == 0 else reversed(names):
+            if name == CUT_ONLY:
+                rate, tiles, others = cut_only_rate(paths, setup.input_size)
+            else:
+                rate, tiles, others = tiles_per_second(paths, predictor, *SETTINGS[name])
+            rates[name].append((rate, others))
             print(
                 f"[{setup.label}] repeat {r + 1}/{repeats} {name}: {rate:.1f} tiles/s "
-                f"({tiles} tiles)",
+                f"({tiles} tiles, others' CPU {format_share(others)})",
                 flush=True,
             )
-    return {name: max(values) for name, values in rates.items()}
+    return {name: max(values, key=lambda x: x[0]) for name, values in rates.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,16 +146,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vitb-repeats", type=int, default=1, help="repeats for ViT-B/14")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: temp dir, deleted")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="before each timed run, wait up to this many seconds for other processes to "
+        "leave the CPUs idle (0: do not wait)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_quiet_wait(args.quiet_wait)
     logging.basicConfig(level=logging.WARNING)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vitlab-grid-bench-"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
     report_load("start")
-    rows: list[tuple[str, int, dict[str, float]]] = []
+    rows: list[tuple[str, int, dict[str, tuple[float, float | None]]]] = []
     try:
         n_max = max(args.quadrats, args.vitb_quadrats if args.vitb else 0)
         print(f"generating {n_max} synthetic quadrats ...", flush=True)
@@ -161,27 +187,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report_load("end")
     names = list(SETTINGS)
     print("\nGridArgmax(3): 9 tiles per quadrat; tiles/s include quadrat decode + tile cutting\n")
     print(
         f"| model | quadrats | {names[0]} (64 / 4 quadrats) tiles/s | "
-        f"{names[1]} (1 / 1) tiles/s | ratio batched / one-tile |"
+        f"{names[1]} (1 / 1) tiles/s | ratio batched / one-tile | "
+        "decode + cut only tiles/s (no model) | others' CPU (batched / one-tile / cut) |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for label, n, rates in rows:
+        (batched, b_noise), (single, s_noise) = rates[names[0]], rates[names[1]]
+        cut, c_noise = rates[CUT_ONLY]
+        noise = " / ".join(format_share(x) for x in (b_noise, s_noise, c_noise))
         print(
-            f"| {label} | {n} | {rates[names[0]]:.1f} | {rates[names[1]]:.1f} | "
-            f"{rates[names[0]] / rates[names[1]]:.2f}x |"
+            f"| {label} | {n} | {batched:.1f} | {single:.1f} | {batched / single:.2f}x | "
+            f"{cut:.1f} | {noise} |"
         )
+    print(
+        "\nbest of the interleaved repeats for each setting; others' CPU = share of the machine's "
+        "CPU time used by other processes during that run (should be ~0% for clean figures)"
+    )
     return 0
-
-
-def report_load(when: str) -> None:
-    """Other processes on the machine skew the figures: show the 1-minute load average."""
-    load = os.getloadavg()[0]
-    note = "" if load < 0.5 else " (machine busy: expect noisy figures)"
-    print(f"load average at {when}: {load:.2f} on {os.cpu_count()} cores{note}", flush=True)
 
 
 if __name__ == "__main__":
