@@ -123,3 +123,26 @@ def test_quickstart_end_to_end(tiny_fungi, tmp_path, extra):
     # metadata carries the species signal on this data: a working pipeline is far above chance
     assert scores["accuracy"] > 0.5, scores
     assert summary["metadata_missing"]["DF20"]["month"] > 0  # missing values were counted
+
+
+def test_corrupt_images_are_skipped_and_every_observation_still_predicted(tiny_fungi, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_fungi, data)
+    test = pd.read_csv(data / "FungiCLEF2023_public_test_metadata_PRODUCTION.csv")
+    lonely = test.groupby("observationID").filter(lambda g: len(g) == 1).iloc[0]
+    (data / "DF21_300" / lonely["image_path"]).write_bytes(b"not a jpeg")
+    train_image = sorted((data / "DF20_300").glob("*.JPG"))[0]
+    train_image.write_bytes(train_image.read_bytes()[:64])
+    cfg = compose_config(
+        "train", [*FAST, f"dataset.root={data}", "trainer.max_epochs=2"], tmp_path / "run_root"
+    )
+    summary = train_fungiclef(cfg)
+    assert summary["prepare_report"]["corrupt_images"] == 2
+    assert summary["test_observations_without_images"]["examples"] == [int(lonely["observationID"])]
+    submission = read_fungiclef_csv(tmp_path / "run_root" / "run" / "submission.csv")
+    assert submission[int(lonely["observationID"])] == -1
+    assert set(submission) == set(read_fungiclef_csv(data / "test_ground_truth.csv"))

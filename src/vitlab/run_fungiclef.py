@@ -162,6 +162,9 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
     df20, df21 = read_metadata(ds.train_csv), read_metadata(ds.val_csv)
     test = read_metadata(ds.test_csv, labelled=False) if Path(ds.test_csv).is_file() else None
     poisonous = read_poison_list(ds.poison_csv)
+    test_observations = (
+        [] if test is None else sorted(int(i) for i in test["observationID"].unique())
+    )
     run_dir = run_dir_of(cfg)
     timer = StageTimer()
     summary: dict[str, Any] = {"task": "train", "pipeline": "fungiclef", "run_dir": str(run_dir)}
@@ -222,7 +225,9 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
         with timer.stage("fit"):
             folds = _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summary)
         with timer.stage("predict"):
-            _ensemble_and_score(cfg, folds, data, df21_rows, poisonous, run_dir, tracker, summary)
+            _ensemble_and_score(
+                cfg, folds, data, df21_rows, poisonous, test_observations, run_dir, tracker, summary
+            )
     finally:
         summary["stage_seconds"] = timer.seconds
         write_json(run_dir / "summary.json", summary)
@@ -358,7 +363,9 @@ def _truth(rows: Rows) -> dict[int, int]:
     return {int(k): int(v) for k, v in first.items()}
 
 
-def _ensemble_and_score(cfg, folds, data, df21_rows, poisonous, run_dir, tracker, summary):
+def _ensemble_and_score(
+    cfg, folds, data, df21_rows, poisonous, test_observations, run_dir, tracker, summary
+):
     species_ids = summary["species_ids"]
     average = cfg.ensemble.average
     threshold = cfg.ensemble.open_set_threshold
@@ -406,6 +413,13 @@ def _ensemble_and_score(cfg, folds, data, df21_rows, poisonous, run_dir, tracker
         logits = [f.module.predict_logits(rows.embedding, rows.metadata) for f in folds]
         obs_ids, _, pred = _observation_predictions(logits, rows, species_ids, average, threshold)
         predictions = dict(zip(obs_ids.tolist(), pred.tolist()))
+        # an observation whose images were all unreadable still gets a row (unknown), counted
+        unseen = sorted(set(test_observations) - set(predictions))
+        predictions.update({obs: UNKNOWN for obs in unseen})
+        summary["test_observations_without_images"] = {
+            "count": len(unseen),
+            "examples": unseen[:100],
+        }
         submission = write_fungiclef_submission(predictions, run_dir / "submission.csv")
         summary["submission"] = str(submission)
         truth_path = Path(cfg.dataset.test_ground_truth)
