@@ -7,6 +7,7 @@ All components are built and validated before the first stage runs.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from contextlib import contextmanager
@@ -191,6 +192,12 @@ def _fit(
     return result
 
 
+# Callbacks a driver (sweep.py) adds to every Trainer built in its context, e.g. Optuna pruning.
+EXTRA_CALLBACKS: contextvars.ContextVar[tuple[pl.Callback, ...]] = contextvars.ContextVar(
+    "EXTRA_CALLBACKS", default=()
+)
+
+
 def build_trainer(
     cfg: DictConfig,
     tracker: RunTracker,
@@ -213,6 +220,7 @@ def build_trainer(
             save_top_k=1,
         )
     ]
+    callbacks += list(EXTRA_CALLBACKS.get())
     if cfg.fit.early_stopping_patience:
         callbacks.append(
             EarlyStopping(monitor=monitor, mode=mode, patience=cfg.fit.early_stopping_patience)
