@@ -2,9 +2,9 @@
 
 Composes the training config with Hydra's compose API, creates or resumes the study in the
 configured storage, and runs trials (each a normal `train.py` run, pruned from its per-epoch
-validation metric) until the study holds `sweep.n_trials` finished trials. Several processes
-pointed at the same storage share the study. Writes `best_params.json` and
-`param_importance.png` to `<paths.root_dir>/sweeps/<study_name>/`.
+validation metric) until the study holds `sweep.n_trials` finished trials. Several
+processes pointed at the same storage share the study and finish `n_trials` in total.
+Writes `best_params.json` and `param_importance.png` to `<paths.root_dir>/sweeps/<study_name>/`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,14 @@ def run_sweep(overrides: list[str]) -> optuna.Study:
                     cfg.logger.wandb.group = spec.study_name  # one W&B group per study
             pruning = OptunaPruning(trial, cfg.fit.monitor)
             token = EXTRA_CALLBACKS.set((pruning,))
+            start = time.perf_counter()
             try:
                 summary = run_training(cfg)
             finally:
                 EXTRA_CALLBACKS.reset(token)
+                # time inside the training run; wall_seconds - this = the sweep's own overhead
+                trial.set_user_attr("train_seconds", time.perf_counter() - start)
+            trial.set_user_attr("stage_seconds", summary.get("stage_seconds", {}))
             if pruning.pruned:
                 raise optuna.TrialPruned()
             value = summary.get("fit_metrics", {}).get(cfg.optimized_metric)
@@ -98,14 +103,40 @@ def run_sweep(overrides: list[str]) -> optuna.Study:
                 raise ValueError(f"the run reported no {cfg.optimized_metric} (optimized_metric)")
             return float(value)
 
-        def enough(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
-            if finished() >= spec.n_trials:
-                study.stop()
-
-        if finished() < spec.n_trials:
-            study.optimize(objective, callbacks=[enough], catch=())
+        while finished() < spec.n_trials:
+            if not run_one_trial(study, objective, spec.n_trials):
+                break
         _write_results(study, sweep_dir)
     return study
+
+
+def run_one_trial(study: optuna.Study, objective, n_trials: int) -> bool:
+    """Ask for a trial and run it, unless the study already has `n_trials` trials with smaller
+    numbers that are running or finished (trial numbers come from the shared storage, so
+    several workers never run more than `n_trials` in total); such an excess trial is closed as
+    FAIL with user attribute `excess` and not counted. Returns False when the study is full."""
+    trial = study.ask()
+    earlier = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL
+    ]
+    if len(earlier) >= n_trials:
+        trial.set_user_attr("excess", True)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return False
+    start = time.perf_counter()
+    state, value = optuna.trial.TrialState.COMPLETE, None
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        state = optuna.trial.TrialState.PRUNED
+    except Exception:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    trial.set_user_attr("wall_seconds", time.perf_counter() - start)
+    study.tell(trial, value, state=state)
+    return True
 
 
 def _write_results(study: optuna.Study, sweep_dir: Path) -> None:

@@ -55,3 +55,34 @@ def test_pruned_trials_are_recorded_as_pruned(tiny_plantclef, tmp_path):
         )
     )
     assert [t.state for t in study.trials] == [STATES.PRUNED, STATES.PRUNED]
+
+
+def test_two_processes_on_one_storage_finish_n_trials_in_total(tiny_plantclef, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = _base(tiny_plantclef, tmp_path, "sweep.n_trials=4", "sweep.study_name=shared")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(repo / "sweep.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err.decode()[-2000:]
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path}/sweeps/optuna.db")
+    finished = study.get_trials(states=(STATES.COMPLETE, STATES.PRUNED))
+    assert len(finished) == 4
+    excess = [t for t in study.trials if t.user_attrs.get("excess")]
+    assert all(t.state == STATES.FAIL for t in excess)
+    # both workers took part
+    assert {t.user_attrs.get("train_seconds") is not None for t in finished} == {True}
