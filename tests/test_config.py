@@ -86,3 +86,19 @@ def test_real_dataset_needs_root(tmp_path):
     cfg = compose_config("train", ["dataset=plantclef"], tmp_path)
     with pytest.raises(MissingMandatoryValue, match="dataset.root"):
         train(cfg)
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "gpu_ddp", "gpu_amp"])
+def test_gpu_trainers_and_slurm_launcher_compose(trainer, tmp_path):
+    cfg = compose_config("train", [f"trainer={trainer}", "hydra/launcher=slurm_gpu"], tmp_path)
+    assert cfg.trainer.accelerator == "gpu"
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_
+    assert launcher.gpus_per_node == cfg.trainer.devices == launcher.tasks_per_node
+
+
+def test_sweep_config_composes(tmp_path):
+    cfg = compose_config("train", ["sweep=quickstart_head"], tmp_path)
+    assert cfg.sweep.study_name == "quickstart_plantclef_head"
+    assert cfg.sweep.storage.startswith("sqlite:///")
+    assert set(cfg.sweep.params) >= {"head.lr", "head.weight_decay"}
