@@ -43,6 +43,8 @@ def compose_trial(overrides: list[str], output_dir: Path) -> DictConfig:
         cfg.hydra.runtime.cwd = os.getcwd()
         cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a Hydra app: `${hydra:...}` resolves from HydraConfig
     return cfg
 
 
@@ -106,7 +108,7 @@ def run_sweep(overrides: list[str]) -> optuna.Study:
         while finished() < spec.n_trials:
             if not run_one_trial(study, objective, spec.n_trials):
                 break
-        _write_results(study, sweep_dir)
+        _write_results(study, sweep_dir, base)
     return study
 
 
@@ -139,7 +141,7 @@ def run_one_trial(study: optuna.Study, objective, n_trials: int) -> bool:
     return True
 
 
-def _write_results(study: optuna.Study, sweep_dir: Path) -> None:
+def _write_results(study: optuna.Study, sweep_dir: Path, base: DictConfig) -> None:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         log.warning("no complete trial yet in study %s", study.study_name)
@@ -174,6 +176,36 @@ def _write_results(study: optuna.Study, sweep_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(sweep_dir / "param_importance.png", dpi=100)
         plt.close(fig)
+    _log_to_wandb(best, sweep_dir, base)
+
+
+def _log_to_wandb(best: dict[str, Any], sweep_dir: Path, base: DictConfig) -> None:
+    """The study's result as one W&B run in the study's group (when W&B is on)."""
+    wandb_cfg = base.logger.get("wandb") if base.logger else None
+    if not wandb_cfg or wandb_cfg.get("mode") == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(
+        project=wandb_cfg.project,
+        entity=wandb_cfg.get("entity"),
+        group=best["study"],
+        job_type="sweep-summary",
+        mode=wandb_cfg.mode,
+        dir=str(sweep_dir),
+        config={"best_params": best["params"]},
+    )
+    run.summary.update(
+        {
+            "best_value": best["value"],
+            "best_trial": best["trial"],
+            **{f"trials/{k}": v for k, v in best["states"].items()},
+        }
+    )
+    image = sweep_dir / "param_importance.png"
+    if image.is_file():
+        run.log({"param_importance": wandb.Image(str(image))})
+    run.finish()
 
 
 def main() -> int:
