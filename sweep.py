@@ -69,14 +69,7 @@ def run_sweep(overrides: list[str]) -> optuna.Study:
         spec = base.sweep
         sweep_dir = Path(base.paths.root_dir) / "sweeps" / spec.study_name
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(
-            study_name=spec.study_name,
-            storage=build_storage(spec.storage),
-            sampler=build_sampler(to_container(spec.sampler)),
-            pruner=build_pruner(to_container(spec.pruner)),
-            direction=spec.direction,
-            load_if_exists=True,
-        )
+        study = create_or_load_study(spec)
 
         def finished() -> int:
             return len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -110,6 +103,30 @@ def run_sweep(overrides: list[str]) -> optuna.Study:
                 break
         _write_results(study, sweep_dir, base)
     return study
+
+
+def create_or_load_study(spec: DictConfig, attempts: int = 5) -> optuna.Study:
+    """Create or load the study. Workers started together can race to create the storage's
+    schema (SQLite: "UNIQUE constraint failed: alembic_version"); the loser retries."""
+    import random
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(
+                study_name=spec.study_name,
+                storage=build_storage(spec.storage),
+                sampler=build_sampler(to_container(spec.sampler)),
+                pruner=build_pruner(to_container(spec.pruner)),
+                direction=spec.direction,
+                load_if_exists=True,
+            )
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
 
 
 def run_one_trial(study: optuna.Study, objective, n_trials: int) -> bool:

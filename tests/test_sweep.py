@@ -64,7 +64,16 @@ def test_two_processes_on_one_storage_finish_n_trials_in_total(tiny_plantclef, t
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    args = _base(tiny_plantclef, tmp_path, "sweep.n_trials=4", "sweep.study_name=shared")
+    # a journal file: Optuna's storage for many workers on one file system (SQLite is not
+    # meant for concurrent writers)
+    journal = tmp_path / "study.log"
+    args = _base(
+        tiny_plantclef,
+        tmp_path,
+        "sweep.n_trials=4",
+        "sweep.study_name=shared",
+        f"sweep.storage=journal:{journal}",
+    )
     env = {**os.environ, "WANDB_MODE": "disabled"}
     workers = [
         subprocess.Popen(
@@ -79,7 +88,9 @@ def test_two_processes_on_one_storage_finish_n_trials_in_total(tiny_plantclef, t
     for worker in workers:
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err.decode()[-2000:]
-    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path}/sweeps/optuna.db")
+    from vitlab.sweeps import build_storage
+
+    study = optuna.load_study(study_name="shared", storage=build_storage(f"journal:{journal}"))
     finished = study.get_trials(states=(STATES.COMPLETE, STATES.PRUNED))
     assert len(finished) == 4
     excess = [t for t in study.trials if t.user_attrs.get("excess")]
