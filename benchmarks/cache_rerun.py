@@ -10,32 +10,15 @@ Run: python benchmarks/cache_rerun.py   (from the repo root, vitlab installed or
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _runs import train_summary
 
 
 def run(tmp: Path, name: str, *overrides: str) -> dict:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "VITLAB_ROOT": str(tmp),
-        "PYTHONPATH": str(REPO / "src"),
-    }
-    cmd = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "logger=csv",
-        f"hydra.run.dir={tmp}/{name}",
-        *overrides,
-    ]
-    subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True)
-    return json.loads((tmp / name / "summary.json").read_text())
+    return train_summary(tmp, name, *overrides)
 
 
 def main() -> None:

@@ -11,14 +11,11 @@ Run: python benchmarks/fungiclef_ablation.py [--seeds 0 1]   (from the repo root
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _runs import train_summary
+
 ROWS = [
     ("baseline (CE, image only)", ["loss=ce", "head.model.use_metadata=false"]),
     ("+ class weighting", ["loss=weighted_ce", "head.model.use_metadata=false"]),
@@ -47,25 +44,15 @@ KEYS = ["track1", "track2", "track3", "macro_f1", "accuracy"]
 
 
 def run(tmp: Path, name: str, overrides: list[str], seed: int) -> dict:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "VITLAB_ROOT": str(tmp),
-        "PYTHONPATH": str(REPO / "src"),
-    }
-    cmd = [
-        sys.executable,
-        str(REPO / "train.py"),
+    return train_summary(
+        tmp,
+        name,
         "experiment=quickstart_fungiclef",
-        "logger=csv",
         "report.embedding_map=none",
         f"seed={seed}",
         f"dataset.synthetic.seed={seed}",
-        f"hydra.run.dir={tmp}/{name}",
         *overrides,
-    ]
-    subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True)
-    return json.loads((tmp / name / "summary.json").read_text())
+    )
 
 
 def main() -> None:

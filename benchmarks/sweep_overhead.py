@@ -11,17 +11,13 @@ Run: python benchmarks/sweep_overhead.py [--trials 20 --epochs 10]   (from the r
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import mean, median
 
 import optuna
-
-REPO = Path(__file__).resolve().parents[1]
+from _runs import run_entry
 
 
 def main() -> None:
@@ -30,22 +26,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {
-            **os.environ,
-            "WANDB_MODE": "disabled",
-            "VITLAB_ROOT": tmp,
-            "PYTHONPATH": str(REPO / "src"),
-        }
-        cmd = [
-            sys.executable,
-            str(REPO / "sweep.py"),
+        start = time.perf_counter()
+        run_entry(
+            "sweep.py",
+            Path(tmp),
             "sweep=quickstart_head",
-            "logger=csv",
             f"sweep.n_trials={args.trials}",
             f"trainer.max_epochs={args.epochs}",
-        ]
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True)
+        )
         total = time.perf_counter() - start
         study = optuna.load_study(
             study_name="quickstart_plantclef_head", storage=f"sqlite:///{tmp}/sweeps/optuna.db"
