@@ -1,0 +1,1 @@
+"""GroupViT: the model, its text pipeline and checkpoint conversion."""
