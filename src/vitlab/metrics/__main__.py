@@ -1,5 +1,6 @@
 """Score submission files: `python -m vitlab.metrics plantclef --truth T.csv --submission S.csv`,
-or `python -m vitlab.metrics fungiclef --truth T.csv --submission S.csv --poison P.csv`.
+or `python -m vitlab.metrics fungiclef --truth T.csv --submission S.csv --poison P.csv`,
+or `python -m vitlab.metrics miou --truth DIR --pred DIR --num-classes N` (PNG label maps).
 
 Prints one JSON object. Exit code 2 with a message naming the file and line on malformed input.
 """
@@ -9,10 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from vitlab.data.plantclef import DatasetFormatError, read_submission
 from vitlab.metrics.fungiclef import fungiclef_scores, read_fungiclef_csv, read_poison_list
 from vitlab.metrics.plantclef import plantclef_scores
+from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
+from vitlab.progress import progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     fungi.add_argument("--truth", required=True, help="CSV observationID,class_id")
     fungi.add_argument("--submission", required=True, help="CSV observationID,class_id")
     fungi.add_argument("--poison", required=True, help="CSV class_id,poisonous (0/1)")
+    seg = sub.add_parser(
+        "miou",
+        help="semantic segmentation mIoU, mmseg convention (dataset-level I/U, fractions)",
+        description="Compare the PNG label maps in --pred with the same-named ones in --truth. "
+        "Pixel values are read as class indices (palette or grayscale PNGs, never RGB).",
+    )
+    seg.add_argument("--truth", required=True, help="directory of ground-truth PNG label maps")
+    seg.add_argument("--pred", required=True, help="directory of predicted PNGs, same names")
+    seg.add_argument("--num-classes", required=True, type=int)
+    seg.add_argument("--ignore", type=int, default=255, help="truth label to ignore (255)")
+    seg.add_argument(
+        "--reduce-zero-label",
+        action="store_true",
+        help="ADE20K: truth 0 is ignored and other truth labels shift down by one",
+    )
     args = parser.parse_args(argv)
     if args.task == "fungiclef":
         return _fungiclef(args)
+    if args.task == "miou":
+        return _miou(args)
     try:
         truth = read_submission(args.truth)
         submission = read_submission(args.submission)
@@ -60,6 +84,101 @@ def _fungiclef(args: argparse.Namespace) -> int:
         print(f"error: {args.submission} vs {args.truth}: {err}", file=sys.stderr)
         return 2
     print(json.dumps(scores))
+    return 0
+
+
+class _LabelMapError(Exception):
+    pass
+
+
+def _read_label_map(path: Path) -> np.ndarray:
+    """Raw pixel indices of a palette / grayscale PNG (no RGB conversion)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16", "1"):
+                raise _LabelMapError(
+                    f"{path}: mode {img.mode} is not a label map; expected a palette (P) or "
+                    "grayscale (L) PNG of class indices"
+                )
+            return np.asarray(img)
+    except (OSError, UnidentifiedImageError) as err:
+        raise _LabelMapError(f"{path}: cannot read image: {err}") from err
+
+
+def _score_pair(
+    acc: ConfusionMatrixAccumulator, truth_dir: Path, pred_dir: Path, name: str
+) -> str | None:
+    """Add one image to `acc`; the error message (naming the file) if it cannot be scored."""
+    try:
+        truth = _read_label_map(truth_dir / name)
+        pred = _read_label_map(pred_dir / name)
+    except _LabelMapError as err:
+        return str(err)
+    if pred.shape != truth.shape:
+        return (
+            f"{name}: size mismatch, prediction {pred_dir / name} is "
+            f"{pred.shape[1]}x{pred.shape[0]} but truth {truth_dir / name} is "
+            f"{truth.shape[1]}x{truth.shape[0]} (width x height)"
+        )
+    try:
+        acc.update(pred, truth)
+    except ValueError as err:  # out-of-range class: say which file
+        return f"{name}: {err}"
+    return None
+
+
+def _miou(args: argparse.Namespace) -> int:
+    truth_dir, pred_dir = Path(args.truth), Path(args.pred)
+    for flag, folder in (("--truth", truth_dir), ("--pred", pred_dir)):
+        if not folder.is_dir():
+            print(f"error: {flag} directory not found: {folder}", file=sys.stderr)
+            return 2
+    if args.num_classes < 1:
+        print(f"error: --num-classes must be >= 1, got {args.num_classes}", file=sys.stderr)
+        return 2
+
+    def pngs(folder: Path) -> set[str]:
+        return {p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+
+    truth_names, pred_names = pngs(truth_dir), pngs(pred_dir)
+    if not truth_names:
+        print(f"error: no PNG label maps in --truth {truth_dir}", file=sys.stderr)
+        return 2
+    missing = sorted(truth_names - pred_names)
+    if missing:
+        print(
+            f"error: {len(missing)} truth file(s) without a prediction in {pred_dir}, "
+            f"e.g. {missing[:3]}",
+            file=sys.stderr,
+        )
+        return 2
+    extra = sorted(pred_names - truth_names)
+    if extra:
+        print(
+            f"warning: ignoring {len(extra)} prediction(s) without a truth file, e.g. {extra[:3]}",
+            file=sys.stderr,
+        )
+
+    acc = ConfusionMatrixAccumulator(args.num_classes, args.ignore, args.reduce_zero_label)
+    names = sorted(truth_names)
+    error = None
+    with progress(len(names), "miou", disable=len(names) < 20) as bar:
+        for name in names:
+            error = _score_pair(acc, truth_dir, pred_dir, name)
+            if error:
+                break
+            bar.update()
+    if error:  # printed once the bar is closed, so that it gets a line of its own
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = acc.summary()
+    out = {
+        "miou": summary["miou"],
+        "iou": summary["iou"],
+        "pixel_accuracy": summary["pixel_accuracy"],
+        "n_images": len(names),
+    }
+    print(json.dumps(out))
     return 0
 
 

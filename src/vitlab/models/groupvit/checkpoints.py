@@ -1,0 +1,420 @@
+"""Load GroupViT weights from NVlabs `.pth`, `transformers` (hub id or directory) or our own
+checkpoints, strictly; export back to the `transformers` format.
+
+Strict means: every source tensor is used and every parameter and buffer of our model is filled
+(shape-checked). The one documented exception: `transformers` has no `multi_label_logit_scale`,
+so it starts from the checkpoint's `logit_scale`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vitlab.models.groupvit.model import GroupViT, GroupViTSpec
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the GroupViT architecture."""
+
+
+# Our key -> `transformers` key. Our names follow NVlabs; `{qkv}` marks a fused q/k/v tensor that
+# `transformers` stores as three thirds.
+_TO_HF_RULES: list[tuple[str, str]] = [
+    (r"^img_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embeddings.projection."),
+    (r"^img_encoder\.patch_embed\.norm\.", "vision_model.embeddings.layernorm."),
+    (r"^img_encoder\.pos_embed$", "vision_model.embeddings.position_embeddings"),
+    (r"^img_encoder\.norm\.", "vision_model.layernorm."),
+    (
+        r"^img_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn\.qkv\.(\w+)$",
+        r"vision_model.encoder.stages.\1.layers.\2.self_attn.{qkv}_proj.\3",
+    ),
+    (
+        r"^img_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn\.proj\.",
+        r"vision_model.encoder.stages.\1.layers.\2.self_attn.out_proj.",
+    ),
+    (
+        r"^img_encoder\.layers\.(\d+)\.blocks\.(\d+)\.norm([12])\.",
+        r"vision_model.encoder.stages.\1.layers.\2.layer_norm\3.",
+    ),
+    (
+        r"^img_encoder\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.",
+        r"vision_model.encoder.stages.\1.layers.\2.mlp.",
+    ),
+    (
+        r"^img_encoder\.layers\.(\d+)\.downsample\.pre_assign_attn\.attn\.proj\.",
+        r"vision_model.encoder.stages.\1.downsample.pre_assign_attn.attn.out_proj.",
+    ),
+    (r"^img_encoder\.layers\.(\d+)\.", r"vision_model.encoder.stages.\1."),
+    (r"^text_encoder\.token_embedding\.", "text_model.embeddings.token_embedding."),
+    (r"^text_encoder\.positional_embedding$", "text_model.embeddings.position_embedding.weight"),
+    (r"^text_encoder\.ln_final\.", "text_model.final_layer_norm."),
+    (
+        r"^text_encoder\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(\w+)$",
+        r"text_model.encoder.layers.\1.self_attn.{qkv}_proj.\2",
+    ),
+    (
+        r"^text_encoder\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.",
+        r"text_model.encoder.layers.\1.self_attn.out_proj.",
+    ),
+    (
+        r"^text_encoder\.transformer\.resblocks\.(\d+)\.ln_([12])\.",
+        r"text_model.encoder.layers.\1.layer_norm\2.",
+    ),
+    (
+        r"^text_encoder\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.",
+        r"text_model.encoder.layers.\1.mlp.fc1.",
+    ),
+    (
+        r"^text_encoder\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.",
+        r"text_model.encoder.layers.\1.mlp.fc2.",
+    ),
+    (r"^img_projector\.fc1\.", "visual_projection.0."),
+    (r"^img_projector\.bn\.", "visual_projection.1."),
+    (r"^img_projector\.fc2\.", "visual_projection.3."),
+    (r"^text_projector\.fc1\.", "text_projection.0."),
+    (r"^text_projector\.bn\.", "text_projection.1."),
+    (r"^text_projector\.fc2\.", "text_projection.3."),
+    (r"^logit_scale$", "logit_scale"),
+]
+_HF_ONLY_IGNORED = ("text_model.embeddings.position_ids",)
+_NOT_IN_HF = ("multi_label_logit_scale",)
+
+# NVlabs stores the projectors as Conv1d(k=1) layers in `linear_hidden` / `linear_out`.
+_TO_NVLABS_RULES: list[tuple[str, str]] = [
+    (r"^(img|text)_projector\.fc1\.", r"\1_projector.linear_hidden.0."),
+    (r"^(img|text)_projector\.bn\.", r"\1_projector.linear_hidden.1."),
+    (r"^(img|text)_projector\.fc2\.", r"\1_projector.linear_out."),
+]
+
+
+def _translate(key: str, rules: list[tuple[str, str]]) -> str | None:
+    for pattern, template in rules:
+        if re.search(pattern, key):
+            return re.sub(pattern, template, key)
+    return None
+
+
+def hf_key(our_key: str) -> str | tuple[str, str, str] | None:
+    """The `transformers` key(s) of one of our keys; three keys for a fused q/k/v tensor."""
+    name = _translate(our_key, _TO_HF_RULES)
+    if name is None or "{qkv}" not in name:
+        return name
+    return tuple(name.replace("{qkv}", part) for part in ("q", "k", "v"))
+
+
+def _fill_strictly(model: GroupViT, source: dict[str, Tensor], fetch, origin: str) -> GroupViT:
+    """Fill every entry of `model.state_dict()` via `fetch(our_key) -> tensor | None`."""
+    target = model.state_dict()
+    new_state, missing, bad_shapes = {}, [], []
+    for key, current in target.items():
+        value = fetch(key)
+        if value is None:
+            missing.append(key)
+            continue
+        if value.shape != current.shape:
+            bad_shapes.append(
+                f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(current.shape)}"
+            )
+            continue
+        new_state[key] = value.to(current.dtype)
+    if missing or bad_shapes:
+        raise CheckpointError(
+            f"{origin} does not fit the GroupViT spec: missing {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}; shape mismatches {bad_shapes[:8]}"
+        )
+    model.load_state_dict(new_state, strict=True)
+    return model
+
+
+def _check_all_used(source: dict[str, Tensor], used: set[str], origin: str) -> None:
+    unused = sorted(set(source) - used)
+    if unused:
+        raise CheckpointError(
+            f"{origin} has {len(unused)} tensors the model does not use: {unused[:8]}"
+        )
+
+
+def load_hf_state_dict(model: GroupViT, state: dict[str, Tensor], origin: str = "checkpoint"):
+    """Fill `model` from a `transformers.GroupViTModel` state dict (strict)."""
+    used: set[str] = set(k for k in _HF_ONLY_IGNORED if k in state)
+
+    def fetch(key: str) -> Tensor | None:
+        if key == "multi_label_logit_scale":
+            used.add("logit_scale")
+            return state.get("logit_scale")
+        name = hf_key(key)
+        if name is None:
+            return None
+        names = name if isinstance(name, tuple) else (name,)
+        if any(n not in state for n in names):
+            return None
+        used.update(names)
+        return torch.cat([state[n] for n in names], dim=0) if len(names) == 3 else state[names[0]]
+
+    _fill_strictly(model, state, fetch, origin)
+    _check_all_used(state, used, origin)
+    return model
+
+
+def to_hf_state_dict(model: GroupViT) -> dict[str, Tensor]:
+    """Our weights under `transformers` names (q/k/v split, `multi_label_logit_scale` dropped)."""
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key in _NOT_IN_HF:
+            continue
+        name = hf_key(key)
+        if name is None:
+            raise CheckpointError(f"no transformers name for {key}")
+        if isinstance(name, tuple):
+            for part_name, part in zip(name, value.chunk(3, dim=0)):
+                out[part_name] = part.clone()
+        else:
+            out[name] = value.clone()
+    return out
+
+
+def nvlabs_key(our_key: str) -> str:
+    return _translate(our_key, _TO_NVLABS_RULES) or our_key
+
+
+def load_nvlabs_state_dict(model: GroupViT, state: dict[str, Tensor], origin: str = "checkpoint"):
+    """Fill `model` from an NVlabs `ckpt['model']` state dict (strict)."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    used: set[str] = set()
+
+    def fetch(key: str) -> Tensor | None:
+        name = nvlabs_key(key)
+        if name not in state:
+            return None
+        used.add(name)
+        value = state[name]
+        # Conv1d(k=1) weights [out, in, 1] -> Linear [out, in]
+        return value.squeeze(-1) if value.ndim == 3 and "projector" in key else value
+
+    _fill_strictly(model, state, fetch, origin)
+    _check_all_used(state, used, origin)
+    return model
+
+
+def to_nvlabs_state_dict(model: GroupViT) -> dict[str, Tensor]:
+    out = {}
+    for key, value in model.state_dict().items():
+        is_projector_weight = "projector" in key and key.endswith("weight") and value.ndim == 2
+        out[nvlabs_key(key)] = value.unsqueeze(-1) if is_projector_weight else value.clone()
+    return out
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def spec_from_hf_config(config) -> GroupViTSpec:
+    """Our architecture spec from a `transformers.GroupViTConfig`."""
+    vision, text = config.vision_config, config.text_config
+    n_grouping = sum(1 for n in vision.num_group_tokens if n > 0)
+    return GroupViTSpec(
+        image_size=_as_int(vision.image_size),
+        patch_size=_as_int(vision.patch_size),
+        in_chans=vision.num_channels,
+        embed_dim=vision.hidden_size,
+        num_heads=vision.num_attention_heads,
+        mlp_ratio=vision.intermediate_size / vision.hidden_size,
+        depths=tuple(vision.depths),
+        num_group_tokens=tuple(vision.num_group_tokens),
+        num_output_groups=tuple(vision.num_output_groups[:n_grouping]),
+        assign_mlp_ratio=tuple(vision.assign_mlp_ratio),
+        assign_eps=vision.assign_eps,
+        drop_path_rate=0.0,
+        layer_norm_eps=vision.layer_norm_eps,
+        vocab_size=text.vocab_size,
+        context_length=text.max_position_embeddings,
+        text_width=text.hidden_size,
+        text_layers=text.num_hidden_layers,
+        text_heads=text.num_attention_heads,
+        text_mlp_ratio=text.intermediate_size / text.hidden_size,
+        projection_hidden=config.projection_intermediate_dim,
+        projection_dim=config.projection_dim,
+    )
+
+
+def _as_int(value) -> int:
+    return int(value[0] if isinstance(value, list | tuple) else value)
+
+
+def hf_config_from_spec(spec: GroupViTSpec):
+    """A `transformers.GroupViTConfig` describing the same architecture."""
+    from transformers import GroupViTConfig
+
+    output_groups = list(spec.num_output_groups)
+    output_groups += [output_groups[-1]] * (len(spec.depths) - len(output_groups))
+    vision = dict(
+        hidden_size=spec.embed_dim,
+        intermediate_size=int(spec.embed_dim * spec.mlp_ratio),
+        num_hidden_layers=sum(spec.depths),
+        depths=list(spec.depths),
+        num_group_tokens=list(spec.num_group_tokens),
+        num_output_groups=output_groups,
+        num_attention_heads=spec.num_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        num_channels=spec.in_chans,
+        layer_norm_eps=spec.layer_norm_eps,
+        assign_eps=spec.assign_eps,
+        assign_mlp_ratio=list(spec.assign_mlp_ratio),
+    )
+    text = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.text_width,
+        intermediate_size=int(spec.text_width * spec.text_mlp_ratio),
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=spec.context_length,
+        layer_norm_eps=spec.layer_norm_eps,
+    )
+    return GroupViTConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=spec.projection_dim,
+        projection_intermediate_dim=spec.projection_hidden,
+        logit_scale_init_value=spec.logit_scale_init,
+    )
+
+
+def spec_from_state_dict(state: dict[str, Tensor], **overrides) -> GroupViTSpec:
+    """Infer sizes from our/NVlabs tensor shapes. Head counts are not visible in shapes: they
+    default to the released model's (6 image, 4 text) unless given in `overrides`."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    proj = state["img_encoder.patch_embed.proj.weight"]
+    embed_dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    n_patches = state["img_encoder.pos_embed"].shape[1]
+    stages = sorted({int(k.split(".")[2]) for k in state if k.startswith("img_encoder.layers.")})
+    depths, group_tokens, output_groups = [], [], []
+    for s in stages:
+        prefix = f"img_encoder.layers.{s}."
+        depths.append(len({k.split(".")[4] for k in state if k.startswith(prefix + "blocks.")}))
+        token = state.get(prefix + "group_token")
+        group_tokens.append(0 if token is None else token.shape[1])
+        if token is not None:
+            output_groups.append(state[prefix + "downsample.mlp_inter.fc2.weight"].shape[0])
+    token_hidden = state["img_encoder.layers.0.downsample.mlp_inter.fc1.weight"].shape[0]
+    channel_hidden = state["img_encoder.layers.0.downsample.mlp_channels.fc1.weight"].shape[0]
+    text_pos = state["text_encoder.positional_embedding"]
+    text_layers = {k.split(".")[3] for k in state if k.startswith("text_encoder.transformer.")}
+    hidden = [k for k in state if re.match(r"img_projector\.(fc1|linear_hidden\.0)\.weight", k)]
+    out = [k for k in state if re.match(r"img_projector\.(fc2|linear_out)\.weight", k)]
+    values = dict(
+        image_size=int(round(n_patches**0.5)) * patch,
+        patch_size=patch,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        mlp_ratio=state["img_encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        depths=tuple(depths),
+        num_group_tokens=tuple(group_tokens),
+        num_output_groups=tuple(output_groups),
+        assign_mlp_ratio=(token_hidden / embed_dim, channel_hidden / embed_dim),
+        vocab_size=state["text_encoder.token_embedding.weight"].shape[0],
+        context_length=text_pos.shape[0],
+        text_width=text_pos.shape[1],
+        text_layers=len(text_layers),
+        text_mlp_ratio=state["text_encoder.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        / text_pos.shape[1],
+        projection_hidden=state[hidden[0]].shape[0],
+        projection_dim=state[out[0]].shape[0],
+    )
+    values.update(overrides)
+    return GroupViTSpec(**values)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+CHECKPOINT_KINDS = ("auto", "vitlab", "nvlabs", "transformers")
+
+
+def detect_checkpoint_kind(source: str | Path) -> str:
+    path = Path(source)
+    if path.is_dir() or not path.exists():
+        return "transformers"  # a saved directory or a hub id
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(payload, dict) and "groupvit_spec" in payload:
+        return "vitlab"
+    if isinstance(payload, dict) and "model" in payload:
+        return "nvlabs"
+    raise CheckpointError(
+        f"{path}: not a GroupViT checkpoint (expected an NVlabs `.pth` with a 'model' entry, a "
+        "vitlab checkpoint with 'groupvit_spec', or a transformers directory / hub id)"
+    )
+
+
+def load_groupvit(
+    source: str | Path, kind: str = "auto", spec_overrides: dict | None = None
+) -> GroupViT:
+    """Build our GroupViT from a checkpoint.
+
+    kind: `vitlab` (our `.ckpt`/`.pt`: Lightning or `save_groupvit`), `nvlabs` (`ckpt['model']`),
+    `transformers` (hub id such as `nvidia/groupvit-gcc-yfcc`, or a `save_pretrained` directory),
+    or `auto` to detect. `spec_overrides` set what shapes cannot tell (NVlabs head counts) and
+    runtime settings (`logit_scale_max`, `drop_path_rate`, `gumbel_tau`).
+    """
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"checkpoint kind {kind!r} not in {CHECKPOINT_KINDS}")
+    overrides = dict(spec_overrides or {})
+    kind = detect_checkpoint_kind(source) if kind == "auto" else kind
+    if kind == "transformers":
+        from transformers import GroupViTModel
+
+        hf = GroupViTModel.from_pretrained(str(source))
+        spec = _with_overrides(spec_from_hf_config(hf.config), overrides)
+        return load_hf_state_dict(GroupViT(spec), hf.state_dict(), origin=str(source)).eval()
+    payload = torch.load(source, map_location="cpu", weights_only=False)
+    if kind == "nvlabs":
+        state = payload["model"]
+        spec = spec_from_state_dict(state, **overrides)
+        return load_nvlabs_state_dict(GroupViT(spec), state, origin=str(source)).eval()
+    spec = _with_overrides(GroupViTSpec.from_dict(payload["groupvit_spec"]), overrides)
+    state = payload["state_dict"]
+    if any(k.startswith("model.") for k in state):  # a Lightning checkpoint of the task
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    model = GroupViT(spec)
+    _fill_strictly(model, state, state.get, str(source))
+    _check_all_used(state, set(model.state_dict()), str(source))
+    return model.eval()
+
+
+def _with_overrides(spec: GroupViTSpec, overrides: dict) -> GroupViTSpec:
+    if not overrides:
+        return spec
+    return GroupViTSpec.from_dict({**spec.to_dict(), **overrides})
+
+
+def save_groupvit(model: GroupViT, path: str | Path) -> Path:
+    """Our standalone format: {'groupvit_spec': ..., 'state_dict': ...}, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"groupvit_spec": model.spec.to_dict(), "state_dict": model.state_dict()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def export_transformers(model: GroupViT, out_dir: str | Path) -> Path:
+    """Write a `transformers` GroupViT directory (`from_pretrained`-loadable) with our weights."""
+    from transformers import GroupViTModel
+
+    hf = GroupViTModel(hf_config_from_spec(model.spec))
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    missing = [k for k in missing if k not in _HF_ONLY_IGNORED]
+    if missing or unexpected:
+        raise CheckpointError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+    if model.spec.logit_scale_max is not None:
+        log.info(
+            "transformers' GroupViT does not clamp the logit scale (ours clamps at %s)",
+            model.spec.logit_scale_max,
+        )
+    hf.save_pretrained(str(out_dir))
+    return Path(out_dir)
