@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vitlab.data.synthetic.coco_captions import (
+    CocoCaptionsSyntheticSpec,
+    generate_coco_captions,
+)
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
 
@@ -24,7 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     fungi.add_argument("out_dir")
     fungi.add_argument("--seed", type=int, default=0)
     fungi.add_argument("--n-species", type=int, default=FungiSyntheticSpec.n_species)
+    coco = sub.add_parser(
+        "coco_captions", help="MSCOCO 2017 captions layout + the val pictures as VOC 2012 masks"
+    )
+    coco.add_argument("out_dir")
+    coco.add_argument("--seed", type=int, default=0)
+    coco.add_argument("--n-train", type=int, default=CocoCaptionsSyntheticSpec.n_train)
+    coco.add_argument("--n-val", type=int, default=CocoCaptionsSyntheticSpec.n_val)
+    coco.add_argument("--image-size", type=int, default=CocoCaptionsSyntheticSpec.image_size)
     args = parser.parse_args(argv)
+    if args.dataset == "coco_captions":
+        spec = CocoCaptionsSyntheticSpec(
+            seed=args.seed, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size
+        )
+        out = generate_coco_captions(args.out_dir, spec)
+        print(f"wrote synthetic COCO captions (+ VOC 2012 masks) dataset to {out}")
+        return 0
     if args.dataset == "fungiclef":
         spec = FungiSyntheticSpec(seed=args.seed, n_species=args.n_species)
         print(f"wrote synthetic FungiCLEF dataset to {generate_fungiclef(args.out_dir, spec)}")
