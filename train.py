@@ -27,10 +27,16 @@ def main(cfg: DictConfig) -> float | None:
             from vitlab.run_fungiclef import train_fungiclef
 
             summary = train_fungiclef(cfg)
+        elif cfg.pipeline == "groupvit":
+            from vitlab.run_groupvit import train_groupvit
+
+            summary = train_groupvit(cfg)
         elif cfg.pipeline == "plantclef":
             summary = train(cfg)
         else:
-            raise ConfigError(f"pipeline={cfg.pipeline!r} is not one of ['plantclef', 'fungiclef']")
+            raise ConfigError(
+                f"pipeline={cfg.pipeline!r} is not one of ['plantclef', 'fungiclef', 'groupvit']"
+            )
     except USER_ERRORS as err:
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(2)

@@ -82,3 +82,56 @@ def embedding_map_png(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+
+
+def denormalize_image(image_chw: np.ndarray) -> np.ndarray:
+    """An ImageNet-normalised [3, H, W] array -> displayable [H, W, 3] in [0, 1]."""
+    rgb = image_chw.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(rgb, 0.0, 1.0)
+
+
+def entropy_maps_png(
+    images,
+    group_entropy_map,
+    label_entropy_map,
+    grid: tuple[int, int],
+    path: Path,
+    n_groups: int,
+    n_labels: int | None = None,
+    max_images: int = 4,
+) -> Path:
+    """Per-patch entropy over groups (and over labels) next to each image: the thesis's
+    diagnostic of where grouping or label assignment is uncertain. Maps are [B, patches],
+    drawn on a fixed 0..log(n) scale (log n = uniform, 0 = certain)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images.detach().float().cpu())
+    maps = [("entropy over groups", np.asarray(group_entropy_map.detach().float().cpu()), n_groups)]
+    if label_entropy_map is not None:
+        values = np.asarray(label_entropy_map.detach().float().cpu())
+        maps.append(("entropy over labels", values, n_labels or 2))
+    n = min(max_images, len(images))
+    fig, axes = plt.subplots(n, 1 + len(maps), figsize=(3 * (1 + len(maps)), 3 * n), squeeze=False)
+    for row in range(n):
+        axes[row, 0].imshow(denormalize_image(images[row]))
+        for col, (title, values, n) in enumerate(maps, start=1):
+            shown = axes[row, col].imshow(
+                values[row].reshape(grid), cmap="magma", vmin=0.0, vmax=float(np.log(max(n, 2)))
+            )
+            fig.colorbar(shown, ax=axes[row, col], fraction=0.046)
+            if row == 0:
+                axes[row, col].set_title(title)
+        for ax in axes[row]:
+            ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

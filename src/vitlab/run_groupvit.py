@@ -1,0 +1,202 @@
+"""The GroupViT pipeline behind `train.py pipeline=groupvit`: config in, summary out.
+
+(generate) -> read COCO captions (train/val) -> drop undecodable images (counted) -> label
+extraction per caption (nouns / noun phrases / caption, K labels, templates, <PAD>) ->
+fine-tune the selected components -> best checkpoint -> `groupvit.pt` for the segmentation
+evaluation (`infer.py task=segmentation`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from vitlab.config import ConfigError, require_choice, require_positive, to_container
+from vitlab.data.coco_captions import (
+    CocoCaptionsDataset,
+    coco_paths,
+    collate_captions,
+    eval_transform,
+    read_coco_captions_with_report,
+    train_transform,
+    validate_images,
+)
+from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec, generate_coco_captions
+from vitlab.data.synthetic.plantclef import is_complete
+from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, load_groupvit, save_groupvit
+from vitlab.models.groupvit.model import GroupViT, GroupViTSpec, released_spec, tiny_spec
+from vitlab.models.groupvit.tagged_sample import SampleTrainedTagger
+from vitlab.models.groupvit.text import KINDS, PAD_MODES, CaptionLabeler, nltk_pos_tagger
+from vitlab.run import StageTimer, build_trainer, run_dir_of
+from vitlab.tasks.groupvit import COMPONENTS, GroupViTFineTuner, LossWeights
+from vitlab.tracking import RunTracker, write_json
+
+log = logging.getLogger(__name__)
+SPEC_PRESETS = {"released": released_spec, "tiny": tiny_spec}
+TAGGERS = {"nltk": nltk_pos_tagger, "sample": SampleTrainedTagger}
+
+
+def build_groupvit(model_cfg: dict[str, Any]) -> GroupViT:
+    """From `groupvit.model`: a checkpoint (`source`, any kind) or a random init of a preset spec,
+    with `overrides` of runtime settings (logit-scale clamp, drop-path, Gumbel tau)."""
+    overrides = dict(model_cfg.get("overrides") or {})
+    source = model_cfg.get("source")
+    if source:
+        return load_groupvit(source, model_cfg.get("kind", "auto"), overrides)
+    spec_cfg = dict(model_cfg.get("spec") or {})
+    preset = spec_cfg.pop("preset", "released")
+    if preset not in SPEC_PRESETS:
+        raise ConfigError(f"groupvit.model.spec.preset={preset!r} not in {sorted(SPEC_PRESETS)}")
+    try:
+        spec: GroupViTSpec = SPEC_PRESETS[preset](**{**spec_cfg, **overrides})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"groupvit.model.spec: {err}") from err
+    return GroupViT(spec)
+
+
+def build_labeler(labels_cfg: dict[str, Any], context_length: int) -> CaptionLabeler:
+    cfg = dict(labels_cfg)
+    tagger = TAGGERS[cfg.pop("tagger", "nltk")]()
+    return CaptionLabeler(tagger=tagger, context_length=context_length, **cfg)
+
+
+def validate_groupvit(cfg: DictConfig) -> None:
+    """Checks that need no work, naming the key and the allowed values."""
+    if cfg.get("groupvit") is None:
+        raise ConfigError("pipeline=groupvit needs a groupvit recipe: use experiment=<groupvit_*>")
+    require_choice(cfg, "groupvit.labels.kind", KINDS)
+    require_choice(cfg, "groupvit.labels.pad", PAD_MODES)
+    require_choice(cfg, "groupvit.labels.tagger", TAGGERS)
+    require_choice(cfg, "groupvit.model.kind", CHECKPOINT_KINDS)
+    require_positive(
+        cfg, "groupvit.labels.k", "groupvit.batch_size", "groupvit.image_size", "groupvit.optim.lr"
+    )
+    for name in cfg.groupvit.trainable:
+        if name not in COMPONENTS:
+            raise ConfigError(f"groupvit.trainable: {name!r} is not one of {sorted(COMPONENTS)}")
+    try:
+        LossWeights.from_config(to_container(cfg.groupvit.losses))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def ensure_coco_dataset(dataset: DictConfig) -> None:
+    synthetic = dataset.get("synthetic")
+    if synthetic and not is_complete(dataset.root):
+        log.info("generating synthetic COCO captions in %s", dataset.root)
+        generate_coco_captions(dataset.root, CocoCaptionsSyntheticSpec(**to_container(synthetic)))
+    if not Path(dataset.root).is_dir():
+        raise ConfigError(f"dataset.root={dataset.root} is not a folder")
+
+
+def caption_datasets(
+    cfg: DictConfig, labeler: CaptionLabeler, report: dict[str, Any]
+) -> tuple[CocoCaptionsDataset, CocoCaptionsDataset]:
+    gv = cfg.groupvit
+    datasets = []
+    for split, transform in (
+        (
+            cfg.dataset.train_split,
+            train_transform(gv.image_size, tuple(gv.augment.scale), gv.augment.randaugment),
+        ),
+        (cfg.dataset.val_split, eval_transform(gv.image_size)),
+    ):
+        annotation_json, image_dir = coco_paths(cfg.dataset.root, split)
+        records, read_report = read_coco_captions_with_report(annotation_json, image_dir)
+        records, corrupt = validate_images(records, workers=cfg.groupvit.num_workers or 2)
+        report[split] = {
+            "images": len(records),
+            "captions": read_report.n_captions,
+            "skipped_without_captions": read_report.skipped_no_captions,
+            "blank_captions": read_report.empty_captions,
+            "skipped_corrupt_images": len(corrupt),
+            "corrupt_images": [str(p) for p in corrupt[:20]],
+        }
+        if not records:
+            raise ConfigError(f"{annotation_json}: no usable images")
+        datasets.append(CocoCaptionsDataset(records, transform, labeler, seed=cfg.seed))
+    return datasets[0], datasets[1]
+
+
+def _loader(dataset, cfg: DictConfig, train: bool) -> DataLoader:
+    workers = int(cfg.groupvit.num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=int(cfg.groupvit.batch_size),
+        shuffle=train,
+        drop_last=train and len(dataset) > cfg.groupvit.batch_size,  # contrastive needs B > 1
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=collate_captions,
+    )
+
+
+class EpochCaptions(pl.Callback):
+    """A new random caption (and label prompts) per image each epoch, reproducibly."""
+
+    def __init__(self, dataset: CocoCaptionsDataset):
+        self.dataset = dataset
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.dataset.set_epoch(trainer.current_epoch)
+
+
+def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
+    validate_groupvit(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    gv = cfg.groupvit
+    model = build_groupvit(to_container(gv.model))
+    labeler = build_labeler(to_container(gv.labels), model.spec.context_length)
+    ensure_coco_dataset(cfg.dataset)
+    run_dir = run_dir_of(cfg)
+    timer = StageTimer()
+    summary: dict[str, Any] = {"task": "train", "pipeline": "groupvit", "run_dir": str(run_dir)}
+    tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
+    try:
+        with timer.stage("data"):
+            data_report: dict[str, Any] = {}
+            train_set, val_set = caption_datasets(cfg, labeler, data_report)
+            summary["data"] = data_report
+        module = GroupViTFineTuner(
+            model,
+            trainable=list(gv.trainable),
+            losses=to_container(gv.losses),
+            optim=to_container(gv.optim),
+            context={"model": to_container(gv.model), "labels": to_container(gv.labels)},
+            entropy_map_dir=str(run_dir / "media"),
+        )
+        summary["parameters"] = {
+            "trainable": module.trainable_parameters,
+            "total": module.total_parameters,
+            "components": list(gv.trainable),
+        }
+        checkpoint_dir = run_dir / "checkpoints"
+        trainer = build_trainer(
+            cfg, tracker, run_dir, checkpoint_dir, cfg.fit.monitor, cfg.fit.mode
+        )
+        trainer.callbacks.append(EpochCaptions(train_set))
+        with timer.stage("fit"):
+            trainer.fit(module, _loader(train_set, cfg, True), _loader(val_set, cfg, False))
+        best = trainer.checkpoint_callback.best_model_path or str(checkpoint_dir / "last.ckpt")
+        summary["best_checkpoint"] = best
+        summary["fit_metrics"] = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1
+        }
+        export = save_groupvit(load_groupvit(best, kind="vitlab"), run_dir / "groupvit.pt")
+        summary["groupvit_checkpoint"] = str(export)
+        maps = sorted((run_dir / "media").glob("entropy_maps_epoch*.png"))
+        if maps:
+            summary["entropy_maps"] = str(maps[-1])
+            tracker.log_image("entropy_maps", maps[-1])
+        tracker.log_metrics({f"final/{k}": v for k, v in summary["fit_metrics"].items()})
+    finally:
+        summary["stage_seconds"] = timer.seconds
+        write_json(run_dir / "summary.json", summary)
+        tracker.finish()
+    log.info("GroupViT checkpoint for segmentation: %s", summary.get("groupvit_checkpoint"))
+    return summary

@@ -1,0 +1,366 @@
+"""GroupViT fine-tuning on image-caption pairs (the thesis's recipes), as a LightningModule.
+
+The module wires the model (`vitlab.models.groupvit`), the losses (`vitlab.losses.contrastive`,
+`vitlab.losses.entropy`) and the optimisation recipe of the reference: AdamW without weight decay
+on biases/1-D/position/group tokens, linear warm-up then cosine (optionally in cycles), gradient
+clipping by the Trainer. Contrastive negatives are gathered across DDP ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitlab.losses.contrastive import (
+    TextMemoryBank,
+    clip_contrastive_loss,
+    gather_for_contrast,
+    gather_objects,
+    multi_label_contrastive_loss,
+    non_noisy_multi_label_loss,
+)
+from vitlab.losses.entropy import entropy, group_entropy, label_entropy, segment_entropy
+from vitlab.models.groupvit.model import GroupViT, ImageEncoding, patch_group_attention
+
+log = logging.getLogger(__name__)
+
+# Fine-tunable components (thesis Table 5) -> parameter-name prefixes.
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "grouping_block_1": ("img_encoder.layers.0.downsample.",),
+    "grouping_block_2": ("img_encoder.layers.1.downsample.",),
+    "image_projector": ("img_projector.",),
+    "text_projector": ("text_projector.",),
+    "logit_scales": ("logit_scale", "multi_label_logit_scale"),
+    "everything": ("",),
+}
+# never weight-decayed besides biases and 1-D tensors (the reference's skip list)
+NO_DECAY_NAMES = ("pos_embed", "group_token", "positional_embedding", "logit_scale")
+
+
+def select_trainable(model: nn.Module, components: list[str] | tuple[str, ...]) -> int:
+    """Freeze everything except the named components; return the trainable parameter count."""
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown or not components:
+        raise ValueError(
+            f"trainable components {list(components)} must be a non-empty subset of "
+            f"{sorted(COMPONENTS)} (unknown: {unknown})"
+        )
+    prefixes = tuple(p for c in components for p in COMPONENTS[c])
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
+        count += param.numel() if param.requires_grad else 0
+    return count
+
+
+def freeze_frozen_batchnorm(model: nn.Module) -> None:
+    """Put BatchNorm layers without trainable parameters in eval mode: a frozen projector must not
+    move its running statistics either."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decay on weight matrices only (reference split)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine_factor(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    cycles: int = 1,
+    warmup_start: float = 0.0025,
+    min_factor: float = 0.0,
+) -> float:
+    """LR multiplier: linear warm-up from `warmup_start`, then `cycles` equal cosine decays (each
+    restarting at 1) down to `min_factor` over the remaining steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    cycle_length = max(math.ceil(decay_steps / max(cycles, 1)), 1)
+    position = min(step - warmup_steps, decay_steps - 1) % cycle_length / cycle_length
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * position))
+
+
+@dataclass
+class LossWeights:
+    contrastive: float = 1.0
+    multi_label: float = 1.0
+    non_noisy: bool = False
+    memory_bank: int = 0
+    group_entropy: float = 0.0
+    label_entropy: float = 0.0
+    segment_entropy: float = 0.0
+    segment_group_weight: float = 0.2
+    segment_label_weight: float = 0.1
+
+    @classmethod
+    def from_config(cls, losses: dict[str, Any]) -> LossWeights:
+        entropy_cfg = dict(losses.get("entropy") or {})
+        values = {k: v for k, v in losses.items() if k != "entropy"}
+        mapping = {"group": "group_entropy", "label": "label_entropy", "segment": "segment_entropy"}
+        for key, value in entropy_cfg.items():
+            values[mapping.get(key, key)] = value
+        try:
+            weights = cls(**values)
+        except TypeError as err:
+            raise ValueError(f"groupvit.losses: {err}") from err
+        if weights.contrastive < 0 or weights.multi_label < 0 or weights.memory_bank < 0:
+            raise ValueError("groupvit.losses weights and memory_bank must be >= 0")
+        if weights.contrastive == 0 and weights.multi_label == 0:
+            raise ValueError("groupvit.losses: contrastive and multi_label are both 0")
+        if weights.memory_bank and not weights.multi_label:
+            raise ValueError("groupvit.losses.memory_bank needs the multi-label loss")
+        return weights
+
+    @property
+    def needs_labels(self) -> bool:
+        return bool(self.multi_label or self.label_entropy or self.segment_entropy)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.6e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 1.0
+    cycles: int = 1
+    warmup_start: float = 0.0025  # 4e-6 / 1.6e-3, the reference warm-up start
+    min_factor: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def segment_label_logits(
+    segments: Tensor, labels: Tensor, label_mask: Tensor | None, scale: Tensor
+) -> Tensor:
+    """A_ST: scale * cos(segment, label) [B, G, K] between each image's segments and its labels."""
+    logits = scale * torch.einsum("bgd,bkd->bgk", segments, labels)
+    if label_mask is not None:
+        logits = logits.masked_fill(~label_mask[:, None, :], 0.0)
+    return logits
+
+
+class GroupViTFineTuner(pl.LightningModule):
+    """Training step: image, its caption and K label prompts -> weighted sum of loss terms."""
+
+    def __init__(
+        self,
+        model: GroupViT,
+        trainable: list[str],
+        losses: dict[str, Any],
+        optim: dict[str, Any],
+        context: dict[str, Any] | None = None,
+        entropy_map_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.weights = LossWeights.from_config(losses)
+        self.optim = OptimConfig(**optim)
+        self.trainable_parameters = select_trainable(model, trainable)
+        self.total_parameters = sum(p.numel() for p in model.parameters())
+        self.memory_bank = (
+            TextMemoryBank(self.weights.memory_bank, model.spec.projection_dim)
+            if self.weights.memory_bank
+            else None
+        )
+        self.entropy_map_dir = Path(entropy_map_dir) if entropy_map_dir else None
+        log.info(
+            "trainable parameters: %d of %d (%s)",
+            self.trainable_parameters,
+            self.total_parameters,
+            ", ".join(trainable),
+        )
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            freeze_frozen_batchnorm(self.model)
+        return self
+
+    def on_fit_start(self) -> None:
+        metrics = {
+            "params/trainable": float(self.trainable_parameters),
+            "params/total": float(self.total_parameters),
+        }
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+
+    # -- losses --------------------------------------------------------------------------
+
+    def _label_embeddings(self, label_tokens: Tensor, label_mask: Tensor) -> Tensor:
+        """[B, K, P] normalised label embeddings; <PAD> rows are not encoded (zeros)."""
+        b, k, length = label_tokens.shape
+        out = label_tokens.new_zeros((b, k, self.model.spec.projection_dim), dtype=torch.float32)
+        valid = label_mask.reshape(-1)
+        flat = label_tokens.reshape(b * k, length)[valid]
+        if flat.numel():
+            encoded = F.normalize(self.model.encode_text(flat).float(), dim=-1)
+            out = out.reshape(b * k, -1).index_put((valid.nonzero(as_tuple=True)[0],), encoded)
+            out = out.reshape(b, k, -1)
+        return out
+
+    def loss_terms(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], ImageEncoding]:
+        weights, model = self.weights, self.model
+        encoding = model.encode_image(batch["image"])
+        image = F.normalize(model.project_image(encoding).float(), dim=-1)
+        terms: dict[str, Tensor] = {}
+        if weights.contrastive:
+            caption = F.normalize(model.encode_text(batch["caption_tokens"]).float(), dim=-1)
+            terms["contrastive"] = clip_contrastive_loss(
+                gather_for_contrast(image), gather_for_contrast(caption), model.scale()
+            )
+        if not weights.needs_labels:
+            return terms, encoding
+        mask = batch["label_mask"].bool()
+        labels = self._label_embeddings(batch["label_tokens"], mask)
+        if weights.multi_label:
+            terms["multi_label"] = self._multi_label(image, labels, mask, batch["labels"])
+        if weights.group_entropy or weights.label_entropy:
+            attention = patch_group_attention(encoding.soft_maps)
+            if weights.group_entropy:
+                terms["group_entropy"] = group_entropy(attention)
+        if weights.label_entropy or weights.segment_entropy:
+            segments = F.normalize(model.project_segments(encoding).float(), dim=-1)
+            affinity = segment_label_logits(segments, labels, mask, model.multi_label_scale())
+            if weights.label_entropy:
+                terms["label_entropy"] = label_entropy(attention, affinity, mask)
+            if weights.segment_entropy:
+                terms["segment_entropy"] = segment_entropy(
+                    affinity,
+                    mask,
+                    group_weight=weights.segment_group_weight,
+                    label_weight=weights.segment_label_weight,
+                )
+        return terms, encoding
+
+    def _multi_label(
+        self, image: Tensor, labels: Tensor, mask: Tensor, strings: list[list[str]]
+    ) -> Tensor:
+        image_all, labels_all = gather_for_contrast(image), gather_for_contrast(labels)
+        mask_all = gather_for_contrast(mask)
+        scale = self.model.multi_label_scale()
+        extra = None
+        if self.memory_bank is not None:
+            current = {s for row in strings for s in row}
+            extra = self.memory_bank.negatives(exclude=current if self.weights.non_noisy else None)
+            extra = extra.to(image.device) if extra.numel() else None
+        if self.weights.non_noisy:
+            strings_all = gather_objects(list(strings))
+            loss = non_noisy_multi_label_loss(
+                image_all, labels_all, scale, strings_all, mask_all, extra_text_negatives=extra
+            )
+        else:
+            loss = multi_label_contrastive_loss(
+                image_all, labels_all, scale, mask_all, extra_text_negatives=extra
+            )
+        if self.memory_bank is not None and self.training:
+            flat_mask = mask_all.reshape(-1)
+            flat_strings = [s for row in gather_objects(list(strings)) for s in row]
+            kept = [s for s, m in zip(flat_strings, flat_mask.tolist()) if m]
+            self.memory_bank.enqueue(labels_all.reshape(-1, labels_all.shape[-1])[flat_mask], kept)
+        return loss
+
+    def _weighted_total(self, terms: dict[str, Tensor]) -> Tensor:
+        w = self.weights
+        factors = {
+            "contrastive": w.contrastive,
+            "multi_label": w.multi_label,
+            "group_entropy": w.group_entropy,
+            "label_entropy": w.label_entropy,
+            "segment_entropy": w.segment_entropy,
+        }
+        return sum(factors[name] * value for name, value in terms.items())
+
+    # -- Lightning hooks -------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        terms, _ = self.loss_terms(batch)
+        total = self._weighted_total(terms)
+        size = batch["image"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/loss", total, prog_bar=True, batch_size=size)
+        self.log("train/logit_scale", self.model.scale(), batch_size=size)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        terms, encoding = self.loss_terms(batch)
+        size = batch["image"].shape[0]
+        for name, value in terms.items():
+            self.log(f"val/{name}", value, batch_size=size, sync_dist=True)
+        self.log("val/loss", self._weighted_total(terms), batch_size=size, sync_dist=True)
+        if batch_idx == 0 and self.entropy_map_dir is not None:
+            self._write_entropy_maps(batch, encoding)
+
+    def configure_optimizers(self):
+        groups = weight_decay_groups(self.model, self.optim.weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        warmup = int(round(self.optim.warmup_epochs * total / epochs))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine_factor(
+                step,
+                warmup,
+                total,
+                self.optim.cycles,
+                self.optim.warmup_start,
+                self.optim.min_factor,
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # lets `load_groupvit(path)` rebuild the model from a Lightning checkpoint alone
+        checkpoint["groupvit_spec"] = self.model.spec.to_dict()
+
+    # -- media ---------------------------------------------------------------------------
+
+    def _write_entropy_maps(self, batch: dict[str, Any], encoding: ImageEncoding) -> None:
+        from vitlab.reports import entropy_maps_png
+
+        attention = patch_group_attention(encoding.soft_maps).float()
+        group_map = entropy(attention, dim=-1)
+        label_map = None
+        if self.weights.needs_labels:
+            mask = batch["label_mask"].bool()
+            labels = self._label_embeddings(batch["label_tokens"], mask)
+            segments = F.normalize(self.model.project_segments(encoding).float(), dim=-1)
+            affinity = segment_label_logits(segments, labels, mask, self.model.multi_label_scale())
+            affinity = affinity.masked_fill(~mask[:, None, :], float("-inf"))
+            per_patch = attention @ affinity.softmax(dim=-1)
+            label_map = entropy(per_patch, dim=-1)
+        path = self.entropy_map_dir / f"entropy_maps_epoch{self.current_epoch:03d}.png"
+        n_labels = batch["label_tokens"].shape[1] if label_map is not None else None
+        entropy_maps_png(
+            batch["image"], group_map, label_map, encoding.grid, path, attention.shape[-1], n_labels
+        )
+        for logger in self.loggers:
+            if isinstance(logger, pl.loggers.WandbLogger):
+                logger.log_image("val/entropy_maps", [str(path)], step=self.global_step)
