@@ -1,0 +1,201 @@
+"""Zero-shot semantic segmentation with GroupViT, as the reference evaluates it.
+
+Per crop: the soft assignment maps of both stages are chained (A1 @ A2, patch -> final group),
+resized bilinearly to the crop and made one-hot by argmax over groups; each group gets class
+scores softmax(scale * cos(group, class text)), restricted to the top-k classes of the pooled
+image embedding (softmax over the kept classes, times the unmasked softmax); a pixel takes its
+group's scores; background where the best score < min(bg_threshold, the best group score).
+Crops of a sliding window are averaged, resized to the image, argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from vitlab.models.groupvit.model import GroupViT, patch_group_attention
+from vitlab.models.groupvit.text import EVAL_TEMPLATE, ClipTokenizer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SegmentationSettings:
+    short_side: int = 448  # test images are resized so their short side is this
+    crop: int = 448  # sliding-window crop
+    stride: int = 224
+    bg_threshold: float = 0.95
+    top_k: int = 5  # classes kept per crop by the pooled image embedding (0 = all)
+    has_background: bool = True  # label 0 is background (the background rule applies)
+    crops_per_batch: int = 4
+
+    def __post_init__(self) -> None:
+        if min(self.short_side, self.crop, self.stride, self.crops_per_batch) <= 0:
+            raise ValueError("short_side, crop, stride and crops_per_batch must be positive")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 keeps every class)")
+
+
+# ----------------------------------------------------------------------------- text side
+
+
+@torch.no_grad()
+def class_text_embeddings(
+    model: GroupViT,
+    class_names: Sequence[str],
+    templates: Sequence[str] = (EVAL_TEMPLATE,),
+    tokenizer: ClipTokenizer | None = None,
+) -> Tensor:
+    """[C, P] L2-normalised class embeddings, averaged over prompt templates."""
+    tokenizer = tokenizer or ClipTokenizer()
+    device = next(model.parameters()).device
+    per_template = []
+    for template in templates:
+        tokens = tokenizer([template.format(name) for name in class_names])
+        tokens = tokens[:, : model.spec.context_length].to(device)
+        per_template.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def group_pixel_maps(soft_maps: Sequence[Tensor], grid: tuple[int, int], size: tuple[int, int]):
+    """Patch -> final-group attention (A1 @ A2) as [B, G, H, W], resized bilinearly."""
+    attention = patch_group_attention(soft_maps)  # [B, N, G]
+    b, _, g = attention.shape
+    maps = attention.transpose(1, 2).reshape(b, g, grid[0], grid[1])
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def one_hot_groups(maps: Tensor) -> Tensor:
+    """[B, G, H, W] -> one-hot over groups (each pixel belongs to its argmax group)."""
+    return F.one_hot(maps.argmax(dim=1), maps.shape[1]).permute(0, 3, 1, 2).to(maps.dtype)
+
+
+def group_class_scores(
+    groups: Tensor, pooled: Tensor, text: Tensor, scale: Tensor | float, top_k: int
+) -> Tensor:
+    """[B, G, C] class scores of each group; groups/pooled/text are L2-normalised.
+
+    Only the `top_k` classes of the pooled image embedding stay candidates: softmax over them,
+    multiplied by the softmax over all classes (the reference's rule)."""
+    logits = scale * groups @ text.t()
+    unmasked = logits.softmax(dim=-1)
+    k = text.shape[0] if top_k <= 0 else min(top_k, text.shape[0])
+    image_probs = (scale * pooled @ text.t()).softmax(dim=-1)  # [B, C]
+    keep = torch.zeros_like(image_probs, dtype=torch.bool)
+    keep.scatter_(1, image_probs.topk(k, dim=-1).indices, True)
+    masked = logits.masked_fill(~keep[:, None, :], float("-inf")).softmax(dim=-1)
+    return masked * unmasked
+
+
+def pixel_class_scores(onehot: Tensor, scores: Tensor) -> Tensor:
+    """[B, G, H, W] one-hot groups x [B, G, C] group scores -> [B, C, H, W]."""
+    return torch.einsum("bghw,bgc->bchw", onehot, scores)
+
+
+def add_background(pixel_scores: Tensor, scores: Tensor, bg_threshold: float) -> Tensor:
+    """Prepend a background channel: 1 where the best foreground score is below
+    min(bg_threshold, best group score of the crop), else 0. [B, C, H, W] -> [B, C+1, H, W]."""
+    best_group = scores.flatten(1).max(dim=1).values  # [B]
+    threshold = torch.clamp(best_group, max=bg_threshold)[:, None, None]
+    background = (pixel_scores.max(dim=1).values < threshold).to(pixel_scores.dtype)
+    return torch.cat([background[:, None], pixel_scores], dim=1)
+
+
+def crop_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg sliding-window boxes (y1, y2, x1, x2): the last row/column is shifted to end at
+    the border; an image smaller than the crop is one box, the whole image."""
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return boxes
+
+
+def sliding_window_average(
+    image: Tensor, crop: int, stride: int, crop_logits, crops_per_batch: int = 4
+) -> Tensor:
+    """Average `crop_logits([N, 3, h, w]) -> [N, K, h, w]` over overlapping crops of a
+    [3, H, W] image -> [K, H, W]. Crops of equal size are batched."""
+    _, height, width = image.shape
+    boxes = crop_boxes(height, width, crop, stride)
+    total, count = None, torch.zeros(1, height, width, device=image.device)
+    for start in range(0, len(boxes), crops_per_batch):
+        chunk = boxes[start : start + crops_per_batch]
+        crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        logits = crop_logits(crops)
+        if total is None:
+            total = torch.zeros(logits.shape[1], height, width, device=image.device)
+        for (y1, y2, x1, x2), crop_out in zip(chunk, logits):
+            total[:, y1:y2, x1:x2] += crop_out
+            count[:, y1:y2, x1:x2] += 1
+    return total / count
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+@torch.no_grad()
+def crop_class_logits(
+    model: GroupViT, crops: Tensor, text: Tensor, settings: SegmentationSettings
+) -> Tensor:
+    """[N, 3, h, w] normalised crops -> [N, C(+1 background), h, w] per-pixel scores."""
+    encoding = model.encode_image(crops)
+    maps = group_pixel_maps(encoding.soft_maps, encoding.grid, crops.shape[-2:])
+    groups = F.normalize(model.project_segments(encoding).float(), dim=-1)
+    pooled = F.normalize(model.project_image(encoding).float(), dim=-1)
+    scores = group_class_scores(groups, pooled, text, model.scale(), settings.top_k)
+    pixels = pixel_class_scores(one_hot_groups(maps.float()), scores)
+    if settings.has_background:
+        return add_background(pixels, scores, settings.bg_threshold)
+    return pixels
+
+
+def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
+    width, height = image.size
+    scale = short_side / min(width, height)
+    size = (max(round(width * scale), 1), max(round(height * scale), 1))
+    return image.resize(size, Image.BILINEAR)
+
+
+def to_normalised_tensor(image: Image.Image) -> Tensor:
+    array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    return ((array - mean) / std).permute(2, 0, 1).contiguous()
+
+
+@torch.no_grad()
+def segment_logits(
+    model: GroupViT, image: Image.Image, text: Tensor, settings: SegmentationSettings
+) -> Tensor:
+    """[K, H0, W0] scores at the original image size (K = classes incl. background)."""
+    resized = to_normalised_tensor(resize_short_side(image, settings.short_side))
+    device = next(model.parameters()).device
+    averaged = sliding_window_average(
+        resized.to(device),
+        settings.crop,
+        settings.stride,
+        lambda crops: crop_class_logits(model, crops, text, settings),
+        settings.crops_per_batch,
+    )
+    size = (image.size[1], image.size[0])
+    return F.interpolate(averaged[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def segment_image(
+    model: GroupViT, image: Image.Image, text: Tensor, settings: SegmentationSettings
+) -> np.ndarray:
+    """Label map [H0, W0] (0 = background when the dataset has one)."""
+    return segment_logits(model, image, text, settings).argmax(dim=0).cpu().numpy()
