@@ -135,3 +135,98 @@ def entropy_maps_png(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _label_colours(labels: np.ndarray, ignore_index: int) -> np.ndarray:
+    """VOC palette colours of a label map; ignored pixels white."""
+    from vitlab.data.voc import voc_colormap
+
+    colours = voc_colormap(256)[np.clip(labels, 0, 255)].astype(np.float32) / 255.0
+    colours[labels == ignore_index] = 1.0
+    return colours
+
+
+def segmentation_overlay_png(
+    image,
+    prediction: np.ndarray,
+    truth: np.ndarray | None,
+    class_names,
+    ignore_index: int,
+    path: Path,
+    alpha: float = 0.55,
+) -> Path:
+    """Image | prediction over the image | truth over the image, with a legend of the classes
+    present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    panels = [("image", rgb), ("prediction", prediction)]
+    if truth is not None:
+        panels.append(("truth", truth))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
+    present = set(np.unique(prediction).tolist())
+    for ax, (title, content) in zip(axes, panels):
+        if title == "image":
+            ax.imshow(rgb)
+        else:
+            present |= set(np.unique(content).tolist()) - {ignore_index}
+            blend = (1 - alpha) * rgb + alpha * _label_colours(content, ignore_index)
+            ax.imshow(np.clip(blend, 0, 1))
+        ax.set_title(title)
+        ax.axis("off")
+    palette = _label_colours(np.arange(256), ignore_index=-1)
+    handles = [
+        Patch(color=palette[c], label=str(class_names[c]))
+        for c in sorted(present)
+        if 0 <= c < len(class_names)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def per_class_iou_png(class_names, iou: np.ndarray, path: Path, title: str = "") -> Path:
+    """Horizontal bars of per-class IoU (classes absent from truth and prediction are skipped)."""
+    return _class_bars(class_names, iou, path, title or "per-class IoU", "IoU", (0.0, 1.0))
+
+
+def iou_difference_png(
+    class_names, iou_a: np.ndarray, iou_b: np.ndarray, path: Path, label_a: str, label_b: str
+) -> Path:
+    """Per-class IoU of B minus A (the thesis's checkpoint comparison), sorted."""
+    diff = np.asarray(iou_b, dtype=float) - np.asarray(iou_a, dtype=float)
+    return _class_bars(
+        class_names, diff, path, f"IoU({label_b}) - IoU({label_a})", "IoU difference", None
+    )
+
+
+def _class_bars(class_names, values: np.ndarray, path: Path, title: str, xlabel: str, xlim):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(values, dtype=float)
+    keep = np.flatnonzero(~np.isnan(values))
+    order = keep[np.argsort(values[keep], kind="stable")]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(order) + 1)))
+    colours = ["tab:red" if v < 0 else "tab:blue" for v in values[order]]
+    ax.barh([str(class_names[i]) for i in order], values[order], color=colours)
+    if xlim:
+        ax.set_xlim(*xlim)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -6,6 +6,8 @@ Layout (mmseg's `data_root`, the folder called `voc_root` here):
     VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt   one image id per line
 Label PNGs store class indices (0 background, 1-20 objects) and 255 ("void") on a thin band
 around object boundaries and on difficult regions; the palette only affects how they look.
+PASCAL Context (mmseg layout, under VOCdevkit/VOC2010) is the same layout with other label and
+split folders, so `read_voc_split` takes those folders as arguments.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ VOC_CLASSES: tuple[str, ...] = (
     "train",
     "tvmonitor",
 )
+# The names GroupViT's zero-shot evaluation gives the VOC classes in its text prompts
+# (NVlabs/GroupViT segmentation/datasets/pascal_voc.py); the label indices are unchanged.
+GROUPVIT_VOC_RENAMES: dict[str, str] = {
+    "diningtable": "table",
+    "pottedplant": "plant",
+    "tvmonitor": "monitor",
+}
+VOC_PROMPT_NAMES: tuple[str, ...] = tuple(GROUPVIT_VOC_RENAMES.get(c, c) for c in VOC_CLASSES)
 IGNORE_INDEX = 255
 VOC2012_DIR = Path("VOCdevkit") / "VOC2012"
 IMAGES_DIR = "JPEGImages"
@@ -109,22 +119,31 @@ class VocSample:
     label_path: Path
 
 
-def read_voc_split(voc_root: str | Path, split: str) -> list[VocSample]:
-    """The samples of `ImageSets/Segmentation/<split>.txt` under the VOC2012 folder, in file
-    order; fails naming the list file or the first missing image / label file."""
+def read_voc_split(
+    voc_root: str | Path,
+    split: str,
+    *,
+    images_dir: str | Path = IMAGES_DIR,
+    labels_dir: str | Path = LABELS_DIR,
+    splits_dir: str | Path = SPLITS_DIR,
+) -> list[VocSample]:
+    """The samples of `<splits_dir>/<split>.txt` under the VOC folder, in file order; fails
+    naming the list file or the first missing image / label file.
+
+    The folder arguments default to VOC 2012 segmentation's; PASCAL Context (mmseg layout)
+    passes `labels_dir="SegmentationClassContext"`, `splits_dir="ImageSets/SegmentationContext"`.
+    """
     voc_root = Path(voc_root)
-    list_file = voc_root / SPLITS_DIR / f"{split}.txt"
+    images, labels = voc_root / images_dir, voc_root / labels_dir
+    list_file = voc_root / splits_dir / f"{split}.txt"
     if not list_file.is_file():
         raise DatasetFormatError(f"VOC split list not found: {list_file}")
     ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise DatasetFormatError(f"{list_file}: no image ids")
-    samples = [
-        VocSample(i, voc_root / IMAGES_DIR / f"{i}.jpg", voc_root / LABELS_DIR / f"{i}.png")
-        for i in ids
-    ]
-    _require_files(voc_root / IMAGES_DIR, [s.image_path.name for s in samples], list_file)
-    _require_files(voc_root / LABELS_DIR, [s.label_path.name for s in samples], list_file)
+    samples = [VocSample(i, images / f"{i}.jpg", labels / f"{i}.png") for i in ids]
+    _require_files(images, [s.image_path.name for s in samples], list_file)
+    _require_files(labels, [s.label_path.name for s in samples], list_file)
     return samples
 
 

@@ -1,0 +1,199 @@
+"""Zero-shot segmentation evaluation behind `infer.py task=segmentation`: config in, summary out.
+
+checkpoint (ours, NVlabs `.pth`, transformers dir / hub id) + dataset (VOC, Context, COCO-Object,
+ADE20K, synthetic VOC) -> class text embeddings -> per image: sliding-window zero-shot
+segmentation -> streaming confusion matrix -> mIoU, per-class IoU (CSV, bar chart, W&B table),
+overlays of a fixed sample of images, optional prediction PNGs for `python -m vitlab.metrics miou`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from vitlab.config import ConfigError, require_positive
+from vitlab.data.images import CorruptImageError, decode_image
+from vitlab.data.plantclef import DatasetFormatError
+from vitlab.data.segmentation import (
+    SegmentationDatasetSpec,
+    read_label_map,
+    samples_from_config,
+    spec_from_config,
+)
+from vitlab.data.voc import write_label_png
+from vitlab.inference.segmentation import (
+    SegmentationSettings,
+    class_text_embeddings,
+    segment_image,
+)
+from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
+from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, load_groupvit
+from vitlab.models.groupvit.model import GroupViT
+from vitlab.progress import progress
+from vitlab.run import StageTimer, run_dir_of
+from vitlab.tracking import RunTracker, write_json
+
+log = logging.getLogger(__name__)
+
+
+def segmentation_settings(
+    seg_cfg: DictConfig, spec: SegmentationDatasetSpec
+) -> SegmentationSettings:
+    threshold = seg_cfg.get("bg_threshold")
+    try:
+        return SegmentationSettings(
+            short_side=int(seg_cfg.short_side),
+            crop=int(seg_cfg.crop),
+            stride=int(seg_cfg.stride),
+            bg_threshold=float(spec.bg_threshold if threshold is None else threshold),
+            top_k=int(seg_cfg.top_k),
+            has_background=spec.has_background,
+            crops_per_batch=int(seg_cfg.crops_per_batch),
+        )
+    except ValueError as err:
+        raise ConfigError(f"segmentation: {err}") from err
+
+
+def load_segmentation_model(cfg: DictConfig) -> GroupViT:
+    source = cfg.get("ckpt_path")
+    if not source:
+        raise ConfigError(
+            "ckpt_path is required with task=segmentation: a vitlab groupvit.pt / Lightning "
+            ".ckpt, an NVlabs .pth, a transformers directory or a hub id (nvidia/groupvit-gcc-yfcc)"
+        )
+    kind = cfg.segmentation.checkpoint_kind
+    if kind not in CHECKPOINT_KINDS:
+        raise ConfigError(f"segmentation.checkpoint_kind={kind!r} is not one of {CHECKPOINT_KINDS}")
+    overrides = {"logit_scale_max": cfg.segmentation.logit_scale_max}
+    if kind in ("auto", "vitlab", "nvlabs") and not Path(source).exists() and "/" not in source:
+        raise ConfigError(f"ckpt_path={source} does not exist")
+    return load_groupvit(source, kind, overrides).eval()
+
+
+def evaluate_segmentation(cfg: DictConfig) -> dict[str, Any]:
+    require_positive(cfg, "segmentation.short_side", "segmentation.crop", "segmentation.stride")
+    spec = spec_from_config(cfg.dataset)
+    settings = segmentation_settings(cfg.segmentation, spec)
+    samples = samples_from_config(cfg.dataset)
+    model = load_segmentation_model(cfg)
+    run_dir = run_dir_of(cfg)
+    timer = StageTimer()
+    summary: dict[str, Any] = {
+        "task": "segmentation",
+        "run_dir": str(run_dir),
+        "checkpoint": str(cfg.ckpt_path),
+        "dataset": spec.name,
+        "settings": settings.__dict__,
+    }
+    tracker = RunTracker(cfg.logger, run_dir, "segmentation", cfg)
+    try:
+        with timer.stage("text"):
+            # background gets no prompt: it is the channel the background rule fills
+            text = class_text_embeddings(model, spec.prompt_names, list(cfg.segmentation.templates))
+        with timer.stage("segment"):
+            scores = evaluate_samples(model, text, samples, spec, settings, cfg, run_dir, tracker)
+        summary.update(scores)
+        _report(scores, spec, run_dir, tracker)
+    finally:
+        summary["stage_seconds"] = timer.seconds
+        write_json(run_dir / "summary.json", summary)
+        tracker.finish()
+    log.info(
+        "mIoU %.4f over %d images (%s)",
+        summary.get("miou", float("nan")),
+        summary.get("n_images", 0),
+        spec.name,
+    )
+    return summary
+
+
+def evaluate_samples(
+    model: GroupViT,
+    text: torch.Tensor,
+    samples: list,
+    spec: SegmentationDatasetSpec,
+    settings: SegmentationSettings,
+    cfg: DictConfig,
+    run_dir: Path,
+    tracker: RunTracker,
+) -> dict[str, Any]:
+    """Segment every sample; accumulate the confusion matrix; write overlays/predictions."""
+    accumulator = ConfusionMatrixAccumulator(
+        len(spec.class_names), spec.ignore_index, spec.reduce_zero_label
+    )
+    seg = cfg.segmentation
+    overlay_ids = {s.sample_id for s in samples[: int(seg.overlays)]}
+    prediction_dir = run_dir / "predictions" if seg.save_predictions else None
+    skipped: list[str] = []
+    start = time.perf_counter()
+    with progress(len(samples), f"segment {spec.name}") as bar:
+        for sample in samples:
+            try:
+                image = decode_image(Path(sample.image_path))
+            except CorruptImageError as err:
+                skipped.append(f"{sample.sample_id}: {err}")
+                bar.update(1)
+                continue
+            truth = read_label_map(sample.label_path, spec)
+            if truth.shape != (image.size[1], image.size[0]):
+                raise DatasetFormatError(
+                    f"{sample.label_path}: label map {truth.shape[::-1]} (WxH) does not match "
+                    f"image {image.size}"
+                )
+            prediction = segment_image(model, image, text, settings)
+            accumulator.update(prediction, truth)
+            if prediction_dir is not None:
+                write_label_png(prediction_dir / f"{sample.sample_id}.png", prediction)
+            if sample.sample_id in overlay_ids:
+                _overlay(image, prediction, truth, spec, run_dir, sample.sample_id, tracker)
+            bar.update(1)
+    seconds = time.perf_counter() - start
+    n_done = len(samples) - len(skipped)
+    if skipped:
+        log.warning("skipped %d unreadable image(s): %s", len(skipped), skipped[:5])
+    result = accumulator.summary(list(spec.class_names))
+    result.update(
+        n_images=n_done,
+        skipped_images=len(skipped),
+        skipped=skipped[:50],
+        images_per_second=round(n_done / seconds, 3) if seconds > 0 else None,
+    )
+    if prediction_dir is not None:
+        result["predictions_dir"] = str(prediction_dir)
+    return result
+
+
+def _overlay(image, prediction, truth, spec, run_dir: Path, sample_id: str, tracker) -> None:
+    from vitlab.reports import segmentation_overlay_png
+
+    path = segmentation_overlay_png(
+        image,
+        prediction,
+        truth,
+        spec.class_names,
+        spec.ignore_index,
+        run_dir / "overlays" / f"{sample_id}.png",
+    )
+    tracker.log_image(f"overlays/{sample_id}", path)
+
+
+def _report(scores: dict[str, Any], spec, run_dir: Path, tracker: RunTracker) -> None:
+    from vitlab.reports import per_class_iou_png
+
+    rows = [[name, values["iou"], values["pixels"]] for name, values in scores["per_class"].items()]
+    tracker.log_table("per_class_iou", ["class", "iou", "truth_pixels"], rows)
+    iou = np.array([np.nan if v is None else v for v in scores["iou"]], dtype=float)
+    chart = per_class_iou_png(
+        spec.class_names,
+        iou,
+        run_dir / "per_class_iou.png",
+        title=f"{spec.name}: mIoU {scores['miou']:.3f}",
+    )
+    tracker.log_image("per_class_iou", chart)
+    tracker.log_metrics({"miou": float(scores["miou"]), "pixel_accuracy": scores["pixel_accuracy"]})
