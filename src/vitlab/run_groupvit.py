@@ -28,7 +28,12 @@ from vitlab.data.coco_captions import (
 )
 from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec, generate_coco_captions
 from vitlab.data.synthetic.plantclef import is_complete
-from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, load_groupvit, save_groupvit
+from vitlab.models.groupvit.checkpoints import (
+    CHECKPOINT_KINDS,
+    CheckpointError,
+    load_groupvit,
+    save_groupvit,
+)
 from vitlab.models.groupvit.model import GroupViT, GroupViTSpec, released_spec, tiny_spec
 from vitlab.models.groupvit.tagged_sample import SampleTrainedTagger
 from vitlab.models.groupvit.text import KINDS, PAD_MODES, CaptionLabeler, nltk_pos_tagger
@@ -47,7 +52,10 @@ def build_groupvit(model_cfg: dict[str, Any]) -> GroupViT:
     overrides = dict(model_cfg.get("overrides") or {})
     source = model_cfg.get("source")
     if source:
-        return load_groupvit(source, model_cfg.get("kind", "auto"), overrides)
+        try:
+            return load_groupvit(source, model_cfg.get("kind", "auto"), overrides)
+        except CheckpointError as err:
+            raise ConfigError(f"groupvit.model.source: {err}") from err
     spec_cfg = dict(model_cfg.get("spec") or {})
     preset = spec_cfg.pop("preset", "released")
     if preset not in SPEC_PRESETS:

@@ -33,7 +33,7 @@ from vitlab.inference.segmentation import (
     segment_image,
 )
 from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
-from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, load_groupvit
+from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, CheckpointError, load_groupvit
 from vitlab.models.groupvit.model import GroupViT
 from vitlab.progress import progress
 from vitlab.run import StageTimer, run_dir_of
@@ -71,9 +71,10 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
     if kind not in CHECKPOINT_KINDS:
         raise ConfigError(f"segmentation.checkpoint_kind={kind!r} is not one of {CHECKPOINT_KINDS}")
     overrides = {"logit_scale_max": cfg.segmentation.logit_scale_max}
-    if kind in ("auto", "vitlab", "nvlabs") and not Path(source).exists() and "/" not in source:
-        raise ConfigError(f"ckpt_path={source} does not exist")
-    return load_groupvit(source, kind, overrides).eval()
+    try:
+        return load_groupvit(source, kind, overrides).eval()
+    except CheckpointError as err:
+        raise ConfigError(f"ckpt_path: {err}") from err
 
 
 def evaluate_segmentation(cfg: DictConfig) -> dict[str, Any]:
@@ -130,6 +131,8 @@ def evaluate_samples(
     seg = cfg.segmentation
     overlay_ids = {s.sample_id for s in samples[: int(seg.overlays)]}
     prediction_dir = run_dir / "predictions" if seg.save_predictions else None
+    if prediction_dir is not None:
+        prediction_dir.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
     start = time.perf_counter()
     with progress(len(samples), f"segment {spec.name}") as bar:
@@ -149,7 +152,7 @@ def evaluate_samples(
             prediction = segment_image(model, image, text, settings)
             accumulator.update(prediction, truth)
             if prediction_dir is not None:
-                write_label_png(prediction_dir / f"{sample.sample_id}.png", prediction)
+                _write_prediction(prediction_dir / f"{sample.sample_id}.png", prediction)
             if sample.sample_id in overlay_ids:
                 _overlay(image, prediction, truth, spec, run_dir, sample.sample_id, tracker)
             bar.update(1)
@@ -167,6 +170,13 @@ def evaluate_samples(
     if prediction_dir is not None:
         result["predictions_dir"] = str(prediction_dir)
     return result
+
+
+def _write_prediction(path: Path, labels: np.ndarray) -> None:
+    """Palette PNG written under a temporary name then renamed: never a truncated file."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    write_label_png(tmp, labels.astype(np.uint8))
+    tmp.replace(path)
 
 
 def _overlay(image, prediction, truth, spec, run_dir: Path, sample_id: str, tracker) -> None:

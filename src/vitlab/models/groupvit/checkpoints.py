@@ -338,6 +338,8 @@ CHECKPOINT_KINDS = ("auto", "vitlab", "nvlabs", "transformers")
 
 def detect_checkpoint_kind(source: str | Path) -> str:
     path = Path(source)
+    if not path.exists() and _looks_like_local_path(str(source)):
+        raise CheckpointError(f"checkpoint {source} does not exist")
     if path.is_dir() or not path.exists():
         return "transformers"  # a saved directory or a hub id
     payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -349,6 +351,12 @@ def detect_checkpoint_kind(source: str | Path) -> str:
         f"{path}: not a GroupViT checkpoint (expected an NVlabs `.pth` with a 'model' entry, a "
         "vitlab checkpoint with 'groupvit_spec', or a transformers directory / hub id)"
     )
+
+
+def _looks_like_local_path(source: str) -> bool:
+    """Hub ids look like `org/name`; files end in a checkpoint suffix or are absolute/relative."""
+    suffixes = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+    return source.endswith(suffixes) or source.startswith(("/", "./", "../", "~"))
 
 
 def load_groupvit(
@@ -368,7 +376,13 @@ def load_groupvit(
     if kind == "transformers":
         from transformers import GroupViTModel
 
-        hf = GroupViTModel.from_pretrained(str(source))
+        try:
+            hf = GroupViTModel.from_pretrained(str(source))
+        except OSError as err:
+            raise CheckpointError(
+                f"{source}: not a transformers GroupViT directory, and loading it as a hub id "
+                f"failed (no network?): {err}"
+            ) from err
         spec = _with_overrides(spec_from_hf_config(hf.config), overrides)
         return load_hf_state_dict(GroupViT(spec), hf.state_dict(), origin=str(source)).eval()
     payload = torch.load(source, map_location="cpu", weights_only=False)
