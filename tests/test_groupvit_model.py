@@ -202,3 +202,29 @@ def test_bad_spec_is_refused():
         tiny_spec(num_output_groups=(8,))
     with pytest.raises(ValueError, match="unknown GroupViT spec keys"):
         type(tiny_spec()).from_dict({"embed_dims": 3})
+
+
+def test_cli_converts_between_formats(tmp_path, capsys):
+    from vitlab.cli import main
+
+    model = GroupViT(tiny_spec()).eval()
+    source = save_groupvit(model, tmp_path / "ours.pt")
+    assert main(["groupvit", "export", str(source), str(tmp_path / "hf")]) == 0
+    nvlabs = ["--to", "nvlabs"]
+    assert (
+        main(["groupvit", "export", str(tmp_path / "hf"), str(tmp_path / "nv.pth"), *nvlabs]) == 0
+    )
+    capsys.readouterr()
+    assert main(["groupvit", "info", str(tmp_path / "nv.pth")]) == 0
+    assert '"parameters": ' in capsys.readouterr().out
+    state = torch.load(tmp_path / "nv.pth")
+    del state["vitlab_spec"]  # a real NVlabs file: head counts must be given
+    torch.save(state, tmp_path / "bare.pth")
+    assert main(["groupvit", "info", str(tmp_path / "bare.pth")]) == 2
+    assert "num_heads" in capsys.readouterr().err
+    args = ["groupvit", "info", str(tmp_path / "bare.pth"), "--num-heads", "2", "--text-heads", "2"]
+    assert main(args) == 0
+    again = load_groupvit(tmp_path / "nv.pth")
+    for key, value in model.state_dict().items():
+        if key != "multi_label_logit_scale":  # not in the transformers hop
+            assert torch.equal(again.state_dict()[key], value)

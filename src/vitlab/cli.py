@@ -77,7 +77,68 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--all", action="store_true", help="every entry (of --stage)")
         else:
             p.add_argument("--json", action="store_true")
+    groupvit = sub.add_parser("groupvit", help="convert or inspect GroupViT checkpoints")
+    gv_sub = groupvit.add_subparsers(dest="action", required=True)
+    export = gv_sub.add_parser("export", help="write a checkpoint in another format")
+    export.add_argument("source", help="vitlab .pt/.ckpt, NVlabs .pth, transformers dir or hub id")
+    export.add_argument("out", type=Path, help="output directory (transformers) or file")
+    export.add_argument(
+        "--to", choices=["transformers", "nvlabs", "vitlab"], default="transformers"
+    )
+    export.add_argument(
+        "--kind", choices=["auto", "vitlab", "nvlabs", "transformers"], default="auto"
+    )
+    info = gv_sub.add_parser("info", help="architecture and parameter count of a checkpoint")
+    info.add_argument("source")
+    info.add_argument(
+        "--kind", choices=["auto", "vitlab", "nvlabs", "transformers"], default="auto"
+    )
+    for command in (export, info):  # NVlabs state dicts do not show head counts
+        command.add_argument("--num-heads", type=int, default=None, help="image encoder heads")
+        command.add_argument("--text-heads", type=int, default=None, help="text encoder heads")
     args = parser.parse_args(argv)
+    if args.command == "groupvit":
+        return _groupvit(args)
+    return _cache(parser, args)
+
+
+def _groupvit(args: argparse.Namespace) -> int:
+    """`vitlab groupvit export|info`: strict loading, so a mismatched file is an error."""
+    import torch
+
+    from vitlab.models.groupvit.checkpoints import (
+        CheckpointError,
+        export_transformers,
+        load_groupvit,
+        nvlabs_payload,
+        save_groupvit,
+    )
+
+    try:
+        heads = {"num_heads": args.num_heads, "text_heads": args.text_heads}
+        model = load_groupvit(args.source, args.kind, {k: v for k, v in heads.items() if v})
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.action == "info":
+        n_params = sum(p.numel() for p in model.parameters())
+        print(json.dumps({"spec": model.spec.to_dict(), "parameters": n_params}, indent=1))
+        return 0
+    if args.to == "transformers":
+        out = export_transformers(model, args.out)
+    elif args.to == "nvlabs":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        torch.save(nvlabs_payload(model), tmp)
+        tmp.replace(args.out)
+        out = args.out
+    else:
+        out = save_groupvit(model, args.out)
+    print(f"wrote {args.to} checkpoint {out}")
+    return 0
+
+
+def _cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     entries = [e for e in list_cache(cache_dir) if args.stage in (None, e.stage)]
     if args.action == "ls":

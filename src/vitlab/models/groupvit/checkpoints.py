@@ -203,6 +203,11 @@ def load_nvlabs_state_dict(model: GroupViT, state: dict[str, Tensor], origin: st
     return model
 
 
+def nvlabs_payload(model: GroupViT) -> dict:
+    """What an NVlabs `.pth` holds (`{'model': state}`), plus our spec for the head counts."""
+    return {"model": to_nvlabs_state_dict(model), "vitlab_spec": model.spec.to_dict()}
+
+
 def to_nvlabs_state_dict(model: GroupViT) -> dict[str, Tensor]:
     out = {}
     for key, value in model.state_dict().items():
@@ -388,7 +393,19 @@ def load_groupvit(
     payload = torch.load(source, map_location="cpu", weights_only=False)
     if kind == "nvlabs":
         state = payload["model"]
-        spec = spec_from_state_dict(state, **overrides)
+        # head counts are not in the shapes: our NVlabs exports carry them in `vitlab_spec`
+        shape_free = {
+            k: v
+            for k, v in (payload.get("vitlab_spec") or {}).items()
+            if k in ("num_heads", "text_heads")
+        }
+        try:
+            spec = spec_from_state_dict(state, **{**shape_free, **overrides})
+        except ValueError as err:
+            raise CheckpointError(
+                f"{source}: {err} (head counts cannot be read from an NVlabs state dict: pass "
+                "num_heads / text_heads overrides)"
+            ) from err
         return load_nvlabs_state_dict(GroupViT(spec), state, origin=str(source)).eval()
     spec = _with_overrides(GroupViTSpec.from_dict(payload["groupvit_spec"]), overrides)
     state = payload["state_dict"]
