@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitlab-installed
 
-.PHONY: setup quickstart quickstart-fungiclef test test-all lint format bench clean
+.PHONY: setup quickstart quickstart-fungiclef quickstart-groupvit test test-all lint format bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,13 @@ quickstart: $(STAMP)
 
 quickstart-fungiclef: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python train.py experiment=quickstart_fungiclef
+
+quickstart-groupvit: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python train.py experiment=quickstart_groupvit \
+		hydra.run.dir=outputs/quickstart_groupvit
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python infer.py experiment=segment_synthetic_voc \
+		ckpt_path=outputs/quickstart_groupvit/groupvit.pt \
+		hydra.run.dir=outputs/quickstart_groupvit_segmentation
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
