@@ -80,14 +80,19 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def ensure_dataset(dataset: DictConfig) -> None:
-    """Generate the synthetic dataset on first use; real datasets must exist."""
+def ensure_generated(dataset: DictConfig, generate, spec_type, what: str) -> None:
+    """Generate a synthetic dataset (`generate(root, spec_type(**dataset.synthetic))`) on first
+    use; real datasets must exist."""
     synthetic = dataset.get("synthetic")
     if synthetic and not is_complete(dataset.root):
-        log.info("generating synthetic PlantCLEF data in %s", dataset.root)
-        generate_plantclef(dataset.root, PlantClefSyntheticSpec(**to_container(synthetic)))
+        log.info("generating synthetic %s data in %s", what, dataset.root)
+        generate(dataset.root, spec_type(**to_container(synthetic)))
     if not Path(dataset.root).is_dir():
         raise ConfigError(f"dataset.root={dataset.root} is not a folder")
+
+
+def ensure_dataset(dataset: DictConfig) -> None:
+    ensure_generated(dataset, generate_plantclef, PlantClefSyntheticSpec, "PlantCLEF")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:

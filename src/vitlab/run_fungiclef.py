@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from vitlab.cache import directory_fingerprint, file_sha256
-from vitlab.config import ConfigError, instantiate_node, require_choice, to_container
+from vitlab.config import instantiate_node, require_choice, to_container
 from vitlab.data.fungiclef import (
     UNKNOWN,
     aggregate_by_observation,
@@ -31,7 +31,6 @@ from vitlab.data.fungiclef import (
 from vitlab.data.metadata import MetadataEncoder
 from vitlab.data.shards import arrow_to_embeddings
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
-from vitlab.data.synthetic.plantclef import is_complete
 from vitlab.inference.fungiclef import (
     AVERAGES,
     ensemble_probabilities,
@@ -46,7 +45,7 @@ from vitlab.metrics.fungiclef import (
     write_fungiclef_submission,
 )
 from vitlab.reports import embedding_map_png, per_class_f1, poison_confusion
-from vitlab.run import StageTimer, build_trainer, run_dir_of
+from vitlab.run import StageTimer, build_trainer, ensure_generated, run_dir_of
 from vitlab.stages.embed import embed_prepared
 from vitlab.stages.prepare import PrepareParams, prepare_images
 from vitlab.tasks.fungiclef import IGNORE, FungiClassifier
@@ -124,12 +123,7 @@ def validation_matching_weights(
 
 
 def ensure_fungi_dataset(dataset: DictConfig) -> None:
-    synthetic = dataset.get("synthetic")
-    if synthetic and not is_complete(dataset.root):
-        log.info("generating synthetic FungiCLEF data in %s", dataset.root)
-        generate_fungiclef(dataset.root, FungiSyntheticSpec(**to_container(synthetic)))
-    if not Path(dataset.root).is_dir():
-        raise ConfigError(f"dataset.root={dataset.root} is not a folder")
+    ensure_generated(dataset, generate_fungiclef, FungiSyntheticSpec, "FungiCLEF")
 
 
 def _image_work(frames: dict[str, tuple[pd.DataFrame, Path]]) -> tuple[pd.DataFrame, list[str]]:

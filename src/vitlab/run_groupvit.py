@@ -9,7 +9,6 @@ evaluation (`infer.py task=segmentation`).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -27,7 +26,6 @@ from vitlab.data.coco_captions import (
     validate_images,
 )
 from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec, generate_coco_captions
-from vitlab.data.synthetic.plantclef import is_complete
 from vitlab.models.groupvit.checkpoints import (
     CHECKPOINT_KINDS,
     CheckpointError,
@@ -37,7 +35,7 @@ from vitlab.models.groupvit.checkpoints import (
 from vitlab.models.groupvit.model import GroupViT, GroupViTSpec, released_spec, tiny_spec
 from vitlab.models.groupvit.tagged_sample import SampleTrainedTagger
 from vitlab.models.groupvit.text import KINDS, PAD_MODES, CaptionLabeler, nltk_pos_tagger
-from vitlab.run import StageTimer, build_trainer, run_dir_of
+from vitlab.run import StageTimer, build_trainer, ensure_generated, run_dir_of
 from vitlab.tasks.groupvit import COMPONENTS, GroupViTFineTuner, LossWeights
 from vitlab.tracking import RunTracker, write_json
 
@@ -94,12 +92,7 @@ def validate_groupvit(cfg: DictConfig) -> None:
 
 
 def ensure_coco_dataset(dataset: DictConfig) -> None:
-    synthetic = dataset.get("synthetic")
-    if synthetic and not is_complete(dataset.root):
-        log.info("generating synthetic COCO captions in %s", dataset.root)
-        generate_coco_captions(dataset.root, CocoCaptionsSyntheticSpec(**to_container(synthetic)))
-    if not Path(dataset.root).is_dir():
-        raise ConfigError(f"dataset.root={dataset.root} is not a folder")
+    ensure_generated(dataset, generate_coco_captions, CocoCaptionsSyntheticSpec, "COCO captions")
 
 
 def caption_datasets(
