@@ -5,7 +5,7 @@ Each variant trains `experiment=quickstart_groupvit` (+ its overrides) with trai
 evaluates `infer.py experiment=segment_synthetic_voc` on the synthetic VOC-layout val set.
 
     PYTHONPATH=src python benchmarks/groupvit_quickstart_miou.py \
-        [--variant ge=groupvit.losses.entropy.group=0.5] [--skip-default]
+        [--variant 'ge=groupvit.losses.entropy.group=0.5;trainer.max_epochs=40'] [--skip-default]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     variants = [] if args.skip_default else [("quickstart", [])]
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
-        variants.append((name, [o for o in overrides.split(",") if o]))
+        variants.append((name, [o for o in overrides.split(";") if o]))
     root = Path(tempfile.mkdtemp(prefix="groupvit_miou_"))
     pl.seed_everything(args.seed)  # as train_groupvit does right before building the model
     untrained = save_groupvit(GroupViT(tiny_spec()), root / "untrained.pt")
