@@ -7,10 +7,15 @@ from omegaconf.errors import MissingMandatoryValue
 
 from tests.conftest import CONFIG_DIR, compose_config
 from vitlab.config import ConfigError, instantiate_node
+from vitlab.data.segmentation import spec_from_config
 from vitlab.run import train, validate
 from vitlab.run_groupvit import validate_groupvit
+from vitlab.run_segmentation import segmentation_settings
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+# segment_* recipes are for infer.py (task=segmentation); the others for train.py
+SEGMENT_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e.startswith("segment_")]
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in SEGMENT_EXPERIMENTS]
 REAL_DATA = ["dataset.root=/data/PlantCLEF2024", "backbone.checkpoint_path=/ckpt/model.pth.tar"]
 
 
@@ -43,6 +48,16 @@ def test_every_experiment_composes_and_validates(experiment, tmp_path):
     validate(cfg)
     instantiate_node(cfg.features, "features")
     instantiate_node(cfg.inference, "inference")
+
+
+@pytest.mark.parametrize("experiment", SEGMENT_EXPERIMENTS)
+def test_segmentation_experiments_compose_for_infer(experiment, tmp_path):
+    overrides = [f"experiment={experiment}", "ckpt_path=x.pt", "dataset.root=/voc"]
+    cfg = compose_config("infer", overrides, tmp_path)
+    _resolve_all(cfg)
+    assert cfg.task == "segmentation"
+    settings = segmentation_settings(cfg.segmentation, spec_from_config(cfg.dataset))
+    assert settings.crop >= settings.stride > 0
 
 
 def test_infer_config_composes(tmp_path):
