@@ -1,5 +1,7 @@
 """Does training help? The GroupViT quickstart's zero-shot mIoU after training vs the same model
-untrained (identical initial weights: same seed, same construction order as train.py).
+untrained (identical initial weights: same seed, same construction order as train.py), with the
+thesis's two diagnostics (`python -m vitlab.analysis knn|alignment`) saying whether grouping or
+vision-text alignment limits the result.
 
 Each variant trains `experiment=quickstart_groupvit` (+ its overrides) with train.py and
 evaluates `infer.py experiment=segment_synthetic_voc` on the synthetic VOC-layout val set.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +40,35 @@ def segmentation(root: Path, name: str, checkpoint: Path) -> dict:
     return json.loads((root / name / "summary.json").read_text())
 
 
+def analyses(root: Path, name: str, checkpoint: Path) -> dict:
+    """The thesis's diagnostics: grouping alone (kNN) and text alignment alone."""
+    voc = root / "data" / "synthetic" / "coco_captions_seed0" / "VOCdevkit" / "VOC2012"
+    out = {}
+    for tool in ("knn", "alignment"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "vitlab.analysis",
+            tool,
+            "--ckpt",
+            str(checkpoint),
+            "--dataset",
+            "synthetic_voc",
+            "--root",
+            str(voc),
+            "--short-side",
+            "64",
+            "--out",
+            str(root / f"analysis_{name}_{tool}"),
+        ]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out[tool] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "knn": out["knn"]["miou"],
+        "alignment_no_bg": out["alignment"]["without_background"]["miou"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -56,22 +88,20 @@ def main() -> None:
     pl.seed_everything(args.seed)  # as train_groupvit does right before building the model
     untrained = save_groupvit(GroupViT(tiny_spec()), root / "untrained.pt")
     rows = [("untrained", segmentation(root, "seg_untrained", untrained), None)]
+    diagnostics = {"untrained": analyses(root, "untrained", untrained)}
     for name, overrides in variants:
         start = time.perf_counter()
         summary = train_summary(
             root, f"train_{name}", "experiment=quickstart_groupvit", f"seed={args.seed}", *overrides
         )
         minutes = (time.perf_counter() - start) / 60
-        rows.append(
-            (
-                name,
-                segmentation(root, f"seg_{name}", summary["groupvit_checkpoint"]),
-                (minutes, summary["fit_metrics"].get("val/loss")),
-            )
-        )
+        checkpoint = Path(summary["groupvit_checkpoint"])
+        train = (minutes, summary["fit_metrics"].get("val/loss"))
+        rows.append((name, segmentation(root, f"seg_{name}", checkpoint), train))
+        diagnostics[name] = analyses(root, name, checkpoint)
     print(
         f"\n{'model':22s} {'mIoU':>6s} {'bg IoU':>7s} {'fg mIoU':>8s} {'train min':>9s} "
-        f"{'val loss':>8s}"
+        f"{'val loss':>8s} {'kNN mIoU':>8s} {'align mIoU':>10s}"
     )
     results = {}
     for name, seg, train in rows:
@@ -79,15 +109,18 @@ def main() -> None:
         fg = [v for k, v in present.items() if k != "background"]
         fg_miou = sum(fg) / len(fg) if fg else float("nan")
         minutes, val_loss = train or (float("nan"), float("nan"))
+        diag = diagnostics[name]
         print(
             f"{name:22s} {seg['miou']:6.3f} {present.get('background', 0):7.3f} "
-            f"{fg_miou:8.3f} {minutes:9.1f} {val_loss:8.3f}"
+            f"{fg_miou:8.3f} {minutes:9.1f} {val_loss:8.3f} {diag['knn']:8.3f} "
+            f"{diag['alignment_no_bg']:10.3f}"
         )
         results[name] = {
             "miou": seg["miou"],
             "per_class": present,
             "train_minutes": minutes,
             "val_loss": val_loss,
+            **diag,
         }
     print(json.dumps(results))
     print(f"runs in {root}")
