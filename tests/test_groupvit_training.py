@@ -223,3 +223,47 @@ def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(from_lightning.state_dict()[key], value)
     assert (run / "media" / "entropy_maps_epoch001.png").is_file()
+
+
+def test_fit_trains_a_loaded_checkpoint_in_train_mode_and_keeps_frozen_statistics(tmp_path):
+    import pytorch_lightning as pl
+
+    from vitlab.models.groupvit.checkpoints import save_groupvit
+
+    torch.manual_seed(2)
+    model = load_groupvit(save_groupvit(GroupViT(tiny_spec()), tmp_path / "m.pt"))
+    assert not model.training  # checkpoints load in eval mode
+    module = GroupViTFineTuner(model, ["grouping_block_1"], {"contrastive": 1.0}, {"lr": 1e-2})
+    assert not model.multi_label_logit_scale.requires_grad  # its loss is off
+    frozen_bn = model.img_projector.bn.running_mean.clone()
+    block = model.img_encoder.layers[0].downsample.mlp_channels.fc1.weight.clone()
+    modes = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append((pl_module.model.training, pl_module.model.img_projector.bn.training))
+
+    batches = torch.utils.data.DataLoader([_batch(seed=s) for s in range(2)], batch_size=None)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Record()],
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=batches)
+    assert modes == [(True, False), (True, False)]  # Gumbel/drop-path on, frozen BN in eval
+    assert torch.equal(model.img_projector.bn.running_mean, frozen_bn)
+    assert not torch.equal(model.img_encoder.layers[0].downsample.mlp_channels.fc1.weight, block)
+
+
+def test_sample_tagger_does_not_depend_on_the_global_random_state():
+    from vitlab.models.groupvit import tagged_sample
+
+    tags = []
+    for seed in (1, 2):
+        random.seed(seed)
+        tagged_sample._trained_perceptron.cache_clear()
+        tags.append(tagged_sample.SampleTrainedTagger()("a giraffe eats leaves".split()))
+    assert tags[0] == tags[1]

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from vitlab.config import ConfigError, require_choice, require_positive, to_container
@@ -137,6 +138,11 @@ def _loader(dataset, cfg: DictConfig, train: bool) -> DataLoader:
     )
 
 
+def is_global_zero() -> bool:
+    """Rank 0 of a (possibly distributed) run; Lightning sets the rank before fit."""
+    return rank_zero_only.rank == 0
+
+
 class EpochCaptions(pl.Callback):
     """A new random caption (and label prompts) per image each epoch, reproducibly."""
 
@@ -188,6 +194,8 @@ def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
         summary["fit_metrics"] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1
         }
+        if not is_global_zero():  # DDP: every rank runs this function; one writes the files
+            return summary
         export = save_groupvit(load_groupvit(best, kind="vitlab"), run_dir / "groupvit.pt")
         summary["groupvit_checkpoint"] = str(export)
         maps = sorted((run_dir / "media").glob("entropy_maps_epoch*.png"))
@@ -197,7 +205,8 @@ def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_metrics({f"final/{k}": v for k, v in summary["fit_metrics"].items()})
     finally:
         summary["stage_seconds"] = timer.seconds
-        write_json(run_dir / "summary.json", summary)
+        if is_global_zero():
+            write_json(run_dir / "summary.json", summary)
         tracker.finish()
     log.info("GroupViT checkpoint for segmentation: %s", summary.get("groupvit_checkpoint"))
     return summary

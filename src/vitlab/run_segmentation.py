@@ -72,9 +72,13 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
         raise ConfigError(f"segmentation.checkpoint_kind={kind!r} is not one of {CHECKPOINT_KINDS}")
     overrides = {"logit_scale_max": cfg.segmentation.logit_scale_max}
     try:
-        return load_groupvit(source, kind, overrides).eval()
+        model = load_groupvit(source, kind, overrides).eval()
     except CheckpointError as err:
         raise ConfigError(f"ckpt_path: {err}") from err
+    device = cfg.segmentation.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device)
 
 
 def evaluate_segmentation(cfg: DictConfig) -> dict[str, Any]:
@@ -153,8 +157,9 @@ def evaluate_samples(
             accumulator.update(prediction, truth)
             if prediction_dir is not None:
                 _write_prediction(prediction_dir / f"{sample.sample_id}.png", prediction)
-            if sample.sample_id in overlay_ids:
-                _overlay(image, prediction, truth, spec, run_dir, sample.sample_id, tracker)
+            if sample.sample_id in overlay_ids:  # truth in the predictions' label space
+                shown = read_label_map(sample.label_path, spec, reduce=True)
+                _overlay(image, prediction, shown, spec, run_dir, sample.sample_id, tracker)
             bar.update(1)
     seconds = time.perf_counter() - start
     n_done = len(samples) - len(skipped)
@@ -198,6 +203,8 @@ def _report(scores: dict[str, Any], spec, run_dir: Path, tracker: RunTracker) ->
 
     rows = [[name, values["iou"], values["pixels"]] for name, values in scores["per_class"].items()]
     tracker.log_table("per_class_iou", ["class", "iou", "truth_pixels"], rows)
+    if scores["miou"] is None:  # nothing scored (e.g. every image skipped)
+        return
     iou = np.array([np.nan if v is None else v for v in scores["iou"]], dtype=float)
     chart = per_class_iou_png(
         spec.class_names,

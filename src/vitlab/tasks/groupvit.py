@@ -178,7 +178,13 @@ class GroupViTFineTuner(pl.LightningModule):
         self.model = model
         self.weights = LossWeights.from_config(losses)
         self.optim = OptimConfig(**optim)
-        self.trainable_parameters = select_trainable(model, trainable)
+        select_trainable(model, trainable)
+        # a scale whose loss is off gets no gradient (DDP would fail on it): keep it frozen
+        if not self.weights.contrastive:
+            model.logit_scale.requires_grad_(False)
+        if not self.weights.needs_labels:
+            model.multi_label_logit_scale.requires_grad_(False)
+        self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.total_parameters = sum(p.numel() for p in model.parameters())
         self.memory_bank = (
             TextMemoryBank(self.weights.memory_bank, model.spec.projection_dim)
@@ -199,6 +205,12 @@ class GroupViTFineTuner(pl.LightningModule):
             freeze_frozen_batchnorm(self.model)
         return self
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning >= 2.2 does not put the module in train mode itself, and a loaded checkpoint
+        # comes in eval mode: without this there would be no Gumbel noise, no drop-path, and
+        # frozen BatchNorm statistics would still move. Validation restores these modes.
+        self.train()
+
     def on_fit_start(self) -> None:
         metrics = {
             "params/trainable": float(self.trainable_parameters),
@@ -209,32 +221,41 @@ class GroupViTFineTuner(pl.LightningModule):
 
     # -- losses --------------------------------------------------------------------------
 
-    def _label_embeddings(self, label_tokens: Tensor, label_mask: Tensor) -> Tensor:
-        """[B, K, P] normalised label embeddings; <PAD> rows are not encoded (zeros)."""
-        b, k, length = label_tokens.shape
-        out = label_tokens.new_zeros((b, k, self.model.spec.projection_dim), dtype=torch.float32)
-        valid = label_mask.reshape(-1)
-        flat = label_tokens.reshape(b * k, length)[valid]
-        if flat.numel():
-            encoded = F.normalize(self.model.encode_text(flat).float(), dim=-1)
-            out = out.reshape(b * k, -1).index_put((valid.nonzero(as_tuple=True)[0],), encoded)
-            out = out.reshape(b, k, -1)
-        return out
+    def _encode_texts(
+        self, batch: dict[str, Any], captions: bool, labels: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Normalised caption embeddings [B, P] and label embeddings [B, K, P] (<PAD> rows are not
+        encoded: zeros), from ONE text-encoder batch as the reference does: the text projector's
+        BatchNorm sees captions and labels together (and never a single row)."""
+        parts, b = [], batch["image"].shape[0]
+        if captions:
+            parts.append(batch["caption_tokens"])
+        if labels:
+            tokens, mask = batch["label_tokens"], batch["label_mask"].bool()
+            k, length = tokens.shape[1], tokens.shape[2]
+            valid = mask.reshape(-1)
+            parts.append(tokens.reshape(b * k, length)[valid])
+        encoded = F.normalize(self.model.encode_text(torch.cat(parts)).float(), dim=-1)
+        caption = encoded[:b] if captions else None
+        if not labels:
+            return caption, None
+        flat = encoded.new_zeros((b * k, encoded.shape[-1]))
+        flat = flat.index_put((valid.nonzero(as_tuple=True)[0],), encoded[b if captions else 0 :])
+        return caption, flat.reshape(b, k, -1)
 
     def loss_terms(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], ImageEncoding]:
         weights, model = self.weights, self.model
         encoding = model.encode_image(batch["image"])
         image = F.normalize(model.project_image(encoding).float(), dim=-1)
         terms: dict[str, Tensor] = {}
+        caption, labels = self._encode_texts(batch, bool(weights.contrastive), weights.needs_labels)
         if weights.contrastive:
-            caption = F.normalize(model.encode_text(batch["caption_tokens"]).float(), dim=-1)
             terms["contrastive"] = clip_contrastive_loss(
                 gather_for_contrast(image), gather_for_contrast(caption), model.scale()
             )
         if not weights.needs_labels:
             return terms, encoding
         mask = batch["label_mask"].bool()
-        labels = self._label_embeddings(batch["label_tokens"], mask)
         if weights.multi_label:
             terms["multi_label"] = self._multi_label(image, labels, mask, batch["labels"])
         if weights.group_entropy or weights.label_entropy:
@@ -262,12 +283,13 @@ class GroupViTFineTuner(pl.LightningModule):
         mask_all = gather_for_contrast(mask)
         scale = self.model.multi_label_scale()
         extra = None
+        # every rank needs the global batch's strings: positives and bank exclusions must agree
+        strings_all = gather_objects(list(strings))
         if self.memory_bank is not None:
-            current = {s for row in strings for s in row}
+            current = {s for row in strings_all for s in row}
             extra = self.memory_bank.negatives(exclude=current if self.weights.non_noisy else None)
             extra = extra.to(image.device) if extra.numel() else None
         if self.weights.non_noisy:
-            strings_all = gather_objects(list(strings))
             loss = non_noisy_multi_label_loss(
                 image_all, labels_all, scale, strings_all, mask_all, extra_text_negatives=extra
             )
@@ -277,7 +299,7 @@ class GroupViTFineTuner(pl.LightningModule):
             )
         if self.memory_bank is not None and self.training:
             flat_mask = mask_all.reshape(-1)
-            flat_strings = [s for row in gather_objects(list(strings)) for s in row]
+            flat_strings = [s for row in strings_all for s in row]
             kept = [s for s, m in zip(flat_strings, flat_mask.tolist()) if m]
             self.memory_bank.enqueue(labels_all.reshape(-1, labels_all.shape[-1])[flat_mask], kept)
         return loss
@@ -312,7 +334,7 @@ class GroupViTFineTuner(pl.LightningModule):
         for name, value in terms.items():
             self.log(f"val/{name}", value, batch_size=size, sync_dist=True)
         self.log("val/loss", self._weighted_total(terms), batch_size=size, sync_dist=True)
-        if batch_idx == 0 and self.entropy_map_dir is not None:
+        if batch_idx == 0 and self.entropy_map_dir is not None and self.trainer.is_global_zero:
             self._write_entropy_maps(batch, encoding)
 
     def configure_optimizers(self):
@@ -350,7 +372,7 @@ class GroupViTFineTuner(pl.LightningModule):
         label_map = None
         if self.weights.needs_labels:
             mask = batch["label_mask"].bool()
-            labels = self._label_embeddings(batch["label_tokens"], mask)
+            _, labels = self._encode_texts(batch, captions=False, labels=True)
             segments = F.normalize(self.model.project_segments(encoding).float(), dim=-1)
             affinity = segment_label_logits(segments, labels, mask, self.model.multi_label_scale())
             affinity = affinity.masked_fill(~mask[:, None, :], float("-inf"))

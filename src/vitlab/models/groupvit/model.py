@@ -130,10 +130,15 @@ def hard_one_hot(soft: Tensor, dim: int) -> Tensor:
 
 
 def gumbel_hard_assignment(logits: Tensor, dim: int, tau: float = 1.0) -> Tensor:
-    """Straight-through Gumbel-softmax: one-hot forward, soft Gumbel-softmax gradients."""
-    uniform = torch.rand_like(logits).clamp_(torch.finfo(logits.dtype).tiny, 1.0)
+    """Straight-through Gumbel-softmax: one-hot forward, soft Gumbel-softmax gradients.
+
+    Sampled in float32 whatever the autocast dtype: a bf16/fp16 uniform can be exactly 1.0 on
+    GPUs, which would make the noise infinite and the assignment NaN."""
+    logits32 = logits.float()
+    eps = torch.finfo(torch.float32).eps
+    uniform = torch.rand_like(logits32).clamp_(torch.finfo(torch.float32).tiny, 1.0 - eps)
     gumbels = -torch.log(-torch.log(uniform))
-    return hard_one_hot(((logits + gumbels) / tau).softmax(dim), dim)
+    return hard_one_hot(((logits32 + gumbels) / tau).softmax(dim), dim).to(logits.dtype)
 
 
 def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
