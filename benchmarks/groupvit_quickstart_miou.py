@@ -66,7 +66,38 @@ def analyses(root: Path, name: str, checkpoint: Path) -> dict:
     return {
         "knn": out["knn"]["miou"],
         "alignment_no_bg": out["alignment"]["without_background"]["miou"],
+        "image_top1": image_level_top1(root, checkpoint),
     }
+
+
+def image_level_top1(root: Path, checkpoint: Path) -> float:
+    """Share of val images whose best-scoring class (pooled image embedding vs the 20 VOC
+    prompts) is in the image: alignment at the image level, which is what training optimises."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from vitlab.data.segmentation import dataset_samples, read_label_map, segmentation_spec
+    from vitlab.inference.segmentation import (
+        class_text_embeddings,
+        resize_short_side,
+        to_normalised_tensor,
+    )
+    from vitlab.models.groupvit.checkpoints import load_groupvit
+
+    voc = root / "data" / "synthetic" / "coco_captions_seed0" / "VOCdevkit" / "VOC2012"
+    spec = segmentation_spec("synthetic_voc")
+    model = load_groupvit(checkpoint).eval()
+    text = class_text_embeddings(model, spec.prompt_names)
+    hits, samples = 0, dataset_samples("synthetic_voc", voc, "val")
+    for sample in samples:
+        image = to_normalised_tensor(resize_short_side(Image.open(sample.image_path), 64))
+        with torch.no_grad():
+            pooled = F.normalize(model.project_image(model.encode_image(image[None])), dim=-1)
+        present = set(np.unique(read_label_map(sample.label_path, spec)).tolist())
+        hits += int((pooled @ text.t()).argmax()) + 1 in present
+    return hits / len(samples)
 
 
 def main() -> None:
@@ -101,7 +132,7 @@ def main() -> None:
         diagnostics[name] = analyses(root, name, checkpoint)
     print(
         f"\n{'model':22s} {'mIoU':>6s} {'bg IoU':>7s} {'fg mIoU':>8s} {'train min':>9s} "
-        f"{'val loss':>8s} {'kNN mIoU':>8s} {'align mIoU':>10s}"
+        f"{'val loss':>8s} {'kNN mIoU':>8s} {'align mIoU':>10s} {'img top1':>8s}"
     )
     results = {}
     for name, seg, train in rows:
@@ -113,7 +144,7 @@ def main() -> None:
         print(
             f"{name:22s} {seg['miou']:6.3f} {present.get('background', 0):7.3f} "
             f"{fg_miou:8.3f} {minutes:9.1f} {val_loss:8.3f} {diag['knn']:8.3f} "
-            f"{diag['alignment_no_bg']:10.3f}"
+            f"{diag['alignment_no_bg']:10.3f} {diag['image_top1']:8.3f}"
         )
         results[name] = {
             "miou": seg["miou"],
