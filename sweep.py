@@ -2,9 +2,12 @@
 
 Composes the training config with Hydra's compose API, creates or resumes the study in the
 configured storage, and runs trials (each a normal `train.py` run, pruned from its per-epoch
-validation metric) until the study holds `sweep.n_trials` finished trials. Several
-processes pointed at the same storage share the study and finish `n_trials` in total.
-Writes `best_params.json` and `param_importance.png` to `<paths.root_dir>/sweeps/<study_name>/`.
+validation metric) until the study holds `sweep.n_trials` finished (complete or pruned) trials.
+Several processes pointed at the same storage share the study and finish `n_trials` in total.
+A trial left RUNNING by a killed worker is closed as FAIL and re-run with the same parameters
+(`vitlab.sweeps.fail_stale_trials`: at once for a dead process of this node, after
+`sweep.grace_period` seconds without heartbeat for another host). Writes `best_params.json` and
+`param_importance.png` to `<paths.root_dir>/sweeps/<study_name>/`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,17 +28,25 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from vitlab.config import ConfigError, to_container
+from vitlab.data.shards import atomic_write_text
 from vitlab.sweeps import (
+    SUSPECT,
     OptunaPruning,
+    StaleTrialPolicy,
+    TrialHeartbeat,
     build_pruner,
     build_sampler,
     build_storage,
+    fail_stale_trials,
     suggest_overrides,
+    trial_liveness,
 )
+from vitlab.tracking import use_wandb_mode
 
 log = logging.getLogger("vitlab.sweep")
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+STATES = optuna.trial.TrialState
+FINISHED = (STATES.COMPLETE, STATES.PRUNED)  # what counts towards sweep.n_trials
 
 
 def compose_trial(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -67,12 +79,13 @@ def run_sweep(overrides: list[str]) -> optuna.Study:
         if base.get("sweep") is None:
             raise ConfigError("sweep=<name> is required (a file in configs/sweep/)")
         spec = base.sweep
+        try:
+            policy = StaleTrialPolicy.from_spec(spec)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         sweep_dir = Path(base.paths.root_dir) / "sweeps" / spec.study_name
         sweep_dir.mkdir(parents=True, exist_ok=True)
         study = create_or_load_study(spec)
-
-        def finished() -> int:
-            return len(study.get_trials(deepcopy=False, states=FINISHED))
 
         def objective(trial: optuna.Trial) -> float:
             trial_overrides = suggest_overrides(trial, to_container(spec.params))
@@ -98,9 +111,11 @@ def run_sweep(overrides: list[str]) -> optuna.Study:
                 raise ValueError(f"the run reported no {cfg.optimized_metric} (optimized_metric)")
             return float(value)
 
-        while finished() < spec.n_trials:
-            if not run_one_trial(study, objective, spec.n_trials):
-                break
+        while (step := next_step(study, spec.n_trials, policy)) != "done":
+            if step == "wait":
+                time.sleep(policy.heartbeat_interval)
+            else:
+                run_one_trial(study, objective, spec.n_trials, policy)
         _write_results(study, sweep_dir, base)
     return study
 
@@ -129,33 +144,77 @@ def create_or_load_study(spec: DictConfig, attempts: int = 5) -> optuna.Study:
     raise AssertionError("unreachable")
 
 
-def run_one_trial(study: optuna.Study, objective, n_trials: int) -> bool:
-    """Ask for a trial and run it, unless the study already has `n_trials` trials with smaller
-    numbers that are running or finished (trial numbers come from the shared storage, so
-    several workers never run more than `n_trials` in total); such an excess trial is closed as
-    FAIL with user attribute `excess` and not counted. Returns False when the study is full."""
+def next_step(study: optuna.Study, n_trials: int, policy: StaleTrialPolicy) -> str:
+    """`run` another trial, `wait` or `done`, after closing (and re-enqueuing) stale trials.
+
+    Only complete and pruned trials count towards `n_trials`. The study is done when it holds
+    `n_trials` of them, or when the trials running in live workers will bring it there. While a
+    running trial is suspect (its worker missed heartbeats, but not for `grace_period` yet) this
+    worker waits: the trial either finishes or becomes stale, is failed and this worker retries
+    it. Enqueued trials (retries) are always run: `run_one_trial` closes any beyond `n_trials`."""
+    fail_stale_trials(study, policy)
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in FINISHED for t in trials)
+    if finished >= n_trials:
+        return "done"
+    running = [t for t in trials if t.state == STATES.RUNNING]
+    if finished + len(running) < n_trials or any(t.state == STATES.WAITING for t in trials):
+        return "run"
+    suspect = [t.number for t in running if trial_liveness(t, policy) == SUSPECT]
+    if suspect:
+        log.info(
+            "waiting: trials %s missed heartbeats; failed after %ss", suspect, policy.grace_period
+        )
+        return "wait"
+    log.info("%d trials finished, %d running in other workers", finished, len(running))
+    return "done"
+
+
+def run_one_trial(
+    study: optuna.Study, objective, n_trials: int, policy: StaleTrialPolicy | None = None
+) -> bool:
+    """Ask for a trial (an enqueued retry first) and run it, unless the study already has
+    `n_trials` trials with smaller numbers that are running, enqueued or finished (trial numbers
+    come from the shared storage, so several workers never run more than `n_trials` in total);
+    such an excess trial is closed as FAIL with user attribute `excess` and not counted. While
+    it runs, the trial holds a lease (`TrialHeartbeat`). Returns False for an excess trial."""
     trial = study.ask()
     earlier = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL
+        if t.number < trial.number and t.state != STATES.FAIL
     ]
     if len(earlier) >= n_trials:
         trial.set_user_attr("excess", True)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        study.tell(trial, state=STATES.FAIL)
         return False
     start = time.perf_counter()
-    state, value = optuna.trial.TrialState.COMPLETE, None
+    state, value = STATES.COMPLETE, None
     try:
-        value = objective(trial)
+        with TrialHeartbeat(trial, policy or StaleTrialPolicy()):
+            value = objective(trial)
     except optuna.TrialPruned:
-        state = optuna.trial.TrialState.PRUNED
+        state = STATES.PRUNED
+    except optuna.exceptions.UpdateFinishedTrialError:
+        _closed_elsewhere(trial)
+        return True
     except Exception:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        study.tell(trial, state=STATES.FAIL, skip_if_finished=True)
         raise
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        _closed_elsewhere(trial)
+        return True
     trial.set_user_attr("wall_seconds", time.perf_counter() - start)
-    study.tell(trial, value, state=state)
+    study.tell(trial, value, state=state, skip_if_finished=True)
     return True
+
+
+def _closed_elsewhere(trial: optuna.Trial) -> None:
+    log.warning(
+        "trial %d was closed as stale by another worker (no heartbeat for sweep.grace_period); "
+        "its result is dropped and its retry counts instead",
+        trial.number,
+    )
 
 
 def _write_results(study: optuna.Study, sweep_dir: Path, base: DictConfig) -> None:
@@ -173,7 +232,7 @@ def _write_results(study: optuna.Study, sweep_dir: Path, base: DictConfig) -> No
             for s in optuna.trial.TrialState
         },
     }
-    (sweep_dir / "best_params.json").write_text(json.dumps(best, indent=2))
+    atomic_write_text(sweep_dir / "best_params.json", json.dumps(best, indent=2))
     log.info("best of %s: %s", study.study_name, best)
     if len(complete) >= 2:
         try:
@@ -191,8 +250,15 @@ def _write_results(study: optuna.Study, sweep_dir: Path, base: DictConfig) -> No
         ax.set_xlabel("importance (fANOVA)")
         ax.set_title(study.study_name)
         fig.tight_layout()
-        fig.savefig(sweep_dir / "param_importance.png", dpi=100)
-        plt.close(fig)
+        # temp + rename: a reader (or another worker writing it) never sees half a PNG
+        image = sweep_dir / "param_importance.png"
+        tmp = image.with_name(f".{image.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            fig.savefig(tmp, dpi=100, format="png")
+            os.replace(tmp, image)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
     _log_to_wandb(best, sweep_dir, base)
 
 
@@ -203,6 +269,7 @@ def _log_to_wandb(best: dict[str, Any], sweep_dir: Path, base: DictConfig) -> No
         return
     import wandb
 
+    use_wandb_mode(wandb_cfg.mode)  # offline: no network at all
     run = wandb.init(
         project=wandb_cfg.project,
         entity=wandb_cfg.get("entity"),

@@ -27,7 +27,7 @@ from vitlab.data.synthetic.coco_captions import (
     CocoCaptionsSyntheticSpec,
     generate_coco_captions,
 )
-from vitlab.data.synthetic.plantclef import is_complete
+from vitlab.data.synthetic.markers import is_complete
 from vitlab.data.voc import (
     VOC2012_DIR,
     VOC_CLASSES,

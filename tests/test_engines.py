@@ -75,6 +75,9 @@ def test_local_and_spark_give_the_same_rows_and_embeddings(tiny_plantclef, tmp_p
         atol=1e-5,
     )
     assert spark_emb.manifest["report"]["engine"] == "spark"
+    for stage in (spark_prep, spark_emb):  # executors' reports carry size and checksum
+        assert all("sha256" in s and "bytes" in s for s in stage.manifest["shards"].values())
+        assert not stage.verify(checksum=True)
 
 
 def test_unknown_engine_names_the_key():

@@ -1,4 +1,5 @@
-"""`vitlab` command line: `vitlab cache ls` / `vitlab cache rm KEY... | --stage S | --all`.
+"""`vitlab` command line: `vitlab cache ls` / `vitlab cache verify [KEY...]` /
+`vitlab cache rm KEY... | --stage S | --all`.
 
 The stage cache lives in `$VITLAB_CACHE` or `./.cache/vitlab` (the `paths.cache_dir` default);
 `--cache-dir` points elsewhere.
@@ -14,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitlab.data.shards import MANIFEST
+from vitlab.data.shards import MANIFEST, check_shard, read_manifest
 
 
 @dataclass
@@ -27,6 +28,7 @@ class CacheEntry:
     rows: int
     bytes: int
     params: dict
+    state: str = "complete"  # complete | partial | corrupt (manifest unreadable)
 
 
 def default_cache_dir() -> Path:
@@ -37,7 +39,12 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
     entries = []
     for manifest_path in sorted(cache_dir.glob(f"*/*/{MANIFEST}")):
         folder = manifest_path.parent
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = read_manifest(manifest_path)
+        except ValueError:  # the next run of the stage recomputes it; `rm` removes it
+            manifest, state = {}, "corrupt"
+        else:
+            state = "complete" if manifest.get("complete") else "partial"
         shards = manifest.get("shards", {})
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         entries.append(
@@ -45,11 +52,12 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
                 folder.parent.name,
                 folder.name,
                 folder,
-                bool(manifest.get("complete")),
+                state == "complete",
                 len(shards),
                 sum(s.get("rows", 0) for s in shards.values()),
                 size,
                 manifest.get("params", {}),
+                state,
             )
         )
     return entries
@@ -68,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cache = sub.add_parser("cache", help="list or remove cached stage outputs")
     cache_sub = cache.add_subparsers(dest="action", required=True)
-    for action in ("ls", "rm"):
+    for action in ("ls", "verify", "rm"):
         p = cache_sub.add_parser(action)
         p.add_argument("--cache-dir", type=Path, default=None)
         p.add_argument("--stage", choices=["prepare", "embed"], default=None)
-        if action == "rm":
+        if action in ("rm", "verify"):
             p.add_argument("keys", nargs="*", help="cache keys (or unique prefixes)")
+        if action == "rm":
             p.add_argument("--all", action="store_true", help="every entry (of --stage)")
-        else:
+        elif action == "ls":
             p.add_argument("--json", action="store_true")
     groupvit = sub.add_parser("groupvit", help="convert or inspect GroupViT checkpoints")
     gv_sub = groupvit.add_subparsers(dest="action", required=True)
@@ -96,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     for command in (export, info):  # NVlabs state dicts do not show head counts
         command.add_argument("--num-heads", type=int, default=None, help="image encoder heads")
         command.add_argument("--text-heads", type=int, default=None, help="text encoder heads")
+        command.add_argument(
+            "--trust-checkpoint",
+            action="store_true",
+            help="fully unpickle a file holding objects the safe loader refuses (runs its code)",
+        )
     args = parser.parse_args(argv)
     if args.command == "groupvit":
         return _groupvit(args)
@@ -116,7 +130,10 @@ def _groupvit(args: argparse.Namespace) -> int:
 
     try:
         heads = {"num_heads": args.num_heads, "text_heads": args.text_heads}
-        model = load_groupvit(args.source, args.kind, {k: v for k, v in heads.items() if v})
+        overrides = {k: v for k, v in heads.items() if v}
+        model = load_groupvit(
+            args.source, args.kind, overrides, args.trust_checkpoint, "--trust-checkpoint"
+        )
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -147,25 +164,59 @@ def _cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return 0
         print(f"{len(entries)} cached stage output(s) in {cache_dir}")
         for e in entries:
-            state = "complete" if e.complete else "PARTIAL"
+            state = e.state if e.state == "complete" else e.state.upper()
             print(
                 f"{e.stage:8s} {e.key}  {state:8s} {e.shards:4d} shards {e.rows:9d} rows "
                 f"{e.bytes / 2**20:9.1f} MiB  {_describe(e.params)}"
             )
         return 0
+    if args.action == "verify":
+        return _verify(entries if not args.keys else _select(entries, args.keys))
     if not args.keys and not args.all:
         parser.error("cache rm needs KEY... or --all")
-    chosen = entries if args.all else []
-    for key in args.keys:
-        matches = [e for e in entries if e.key.startswith(key)]
-        if len(matches) != 1:
-            print(f"error: key {key!r} matches {len(matches)} entries", file=sys.stderr)
-            return 2
-        chosen += matches
+    chosen = entries if args.all else _select(entries, args.keys)
+    if chosen is None:
+        return 2
     for e in chosen:
         shutil.rmtree(e.path)
         print(f"removed {e.stage} {e.key} ({e.bytes / 2**20:.1f} MiB)")
     return 0
+
+
+def _select(entries: list[CacheEntry], keys: list[str]) -> list[CacheEntry] | None:
+    """The entries named by unique key prefixes; None (after an error message) otherwise."""
+    chosen = []
+    for key in keys:
+        matches = [e for e in entries if e.key.startswith(key)]
+        if len(matches) != 1:
+            print(f"error: key {key!r} matches {len(matches)} entries", file=sys.stderr)
+            return None
+        chosen += matches
+    return chosen
+
+
+def _verify(entries: list[CacheEntry] | None) -> int:
+    """Check every recorded shard's size and SHA-256 (read-only: the next run of the stage
+    drops and recomputes bad shards). Exit 1 when something is wrong."""
+    if entries is None:
+        return 2
+    bad = 0
+    for e in entries:
+        if e.state == "corrupt":
+            print(f"{e.stage:8s} {e.key}  CORRUPT manifest")
+            bad += 1
+            continue
+        shards = read_manifest(e.path / MANIFEST)["shards"]
+        problems = [
+            f"{name} {problem}"
+            for name, entry in sorted(shards.items())
+            if (problem := check_shard(e.path / name, entry)) is not None
+        ]
+        print(f"{e.stage:8s} {e.key}  {'ok' if not problems else 'BAD'} ({len(shards)} shards)")
+        for line in problems:
+            print(f"    {line}")
+        bad += bool(problems)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 ALLOWED_TARGET_PREFIXES = ("vitlab.", "torch.nn.", "torch.optim.", "pytorch_lightning.")
+# Packages a user adds with the `extra_target_prefixes` key (set by each pipeline at its start).
+_extra_target_prefixes: tuple[str, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -24,16 +26,67 @@ def to_container(node: Any) -> Any:
     return node
 
 
+def set_extra_target_prefixes(prefixes: Iterable[str] | None) -> None:
+    """Allow `_target_`s in these packages too (config key `extra_target_prefixes`). Each must be
+    a dotted package prefix ending in '.', so no entry can allow everything by accident."""
+    global _extra_target_prefixes
+    checked = []
+    for prefix in prefixes or ():
+        if not isinstance(prefix, str) or not prefix.endswith(".") or len(prefix) < 3:
+            raise ConfigError(
+                f"extra_target_prefixes: {prefix!r} is not a package prefix ending in '.' "
+                "(e.g. extra_target_prefixes=[mylab.])"
+            )
+        checked.append(prefix)
+    _extra_target_prefixes = tuple(checked)
+
+
+def allowed_target_prefixes() -> tuple[str, ...]:
+    return ALLOWED_TARGET_PREFIXES + _extra_target_prefixes
+
+
+def check_targets(node: Any, key: str) -> None:
+    """Every `_target_` in the tree under `node` (nested nodes and lists too) must be in an
+    allowed package; the error names the offending key path."""
+    plain = _plain_tree(node)
+    allowed = allowed_target_prefixes()
+    for path, target in _targets_in(plain, key):
+        if not str(target).startswith(allowed):
+            raise ConfigError(
+                f"{path}._target_={target!r} is outside the allowed packages {list(allowed)}; "
+                "to allow your own package add it to extra_target_prefixes (e.g. "
+                "extra_target_prefixes=[mylab.])"
+            )
+
+
+def _plain_tree(node: Any) -> Any:
+    if isinstance(node, DictConfig | ListConfig):
+        try:
+            return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+        except Exception:  # an interpolation that cannot resolve yet: check the raw strings
+            return OmegaConf.to_container(node, resolve=False)
+    return node
+
+
+def _targets_in(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            yield path, node["_target_"]
+        for name, child in node.items():
+            yield from _targets_in(child, f"{path}.{name}")
+    elif isinstance(node, list | tuple):
+        for index, child in enumerate(node):
+            yield from _targets_in(child, f"{path}[{index}]")
+
+
 def instantiate_node(node: Mapping[str, Any] | DictConfig, key: str, **kwargs: Any) -> Any:
-    """Instantiate a config node whose `_target_` lives in an allowed package; errors name `key`."""
+    """Instantiate a config node whose `_target_`s (its own and every nested one) live in allowed
+    packages; errors name `key`."""
     target = node.get("_target_") if node is not None else None
     if not target:
         raise ConfigError(f"{key}: missing _target_")
-    if not str(target).startswith(ALLOWED_TARGET_PREFIXES):
-        raise ConfigError(
-            f"{key}._target_={target!r} is outside the allowed packages "
-            f"{list(ALLOWED_TARGET_PREFIXES)}"
-        )
+    check_targets(node, key)
+    check_targets(list(kwargs.values()), f"{key}(arguments)")
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -62,6 +115,7 @@ def accepted_kwargs(target: str, **candidates: Any) -> dict[str, Any]:
     num_classes or class counts that only some heads/losses take)."""
     from hydra.utils import get_method
 
+    check_targets({"_target_": target}, "accepted_kwargs")  # before importing its module
     try:
         params = inspect.signature(get_method(target)).parameters
     except (ValueError, TypeError, ImportError) as err:

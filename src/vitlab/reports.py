@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vitlab.atomic import atomic_output
+
 EMBEDDING_MAPS = ("umap", "pca", "none")
 
 
@@ -79,7 +81,8 @@ def embedding_map_png(
     ax.legend(fontsize=6, markerscale=2, loc="best")
     ax.set_title(title or f"{method.upper()} of embeddings, top {len(top)} classes")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -132,7 +135,8 @@ def entropy_maps_png(
             ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path
 
@@ -187,7 +191,8 @@ def segmentation_overlay_png(
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path
 
@@ -227,6 +232,7 @@ def _class_bars(class_names, values: np.ndarray, path: Path, title: str, xlabel:
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return path

@@ -23,10 +23,13 @@ from vitlab.config import (
     instantiate_node,
     require_choice,
     require_positive,
+    set_extra_target_prefixes,
     to_container,
 )
 from vitlab.data.plantclef import list_test_images, read_submission, write_submission
-from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef, is_complete
+from vitlab.data.synthetic.markers import ForeignFolderError, is_complete
+from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
+from vitlab.safe_load import load_lightning_module
 from vitlab.stages.embed import embed_prepared
 from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
 from vitlab.stages.predict import (
@@ -38,7 +41,7 @@ from vitlab.stages.predict import (
 from vitlab.stages.prepare import PrepareParams, prepare_training_images
 from vitlab.stages.score import per_plot_rows, plot_per_species_f1
 from vitlab.tasks.classification import OPTIMIZERS, EmbeddingClassifier
-from vitlab.tracking import WANDB_MODES, RunTracker, write_json
+from vitlab.tracking import WANDB_MODES, RunTracker, recorded_run, set_aside_previous, write_json
 
 log = logging.getLogger(__name__)
 PREDICTORS = ("head", "backbone_classifier")
@@ -82,11 +85,17 @@ def validate(cfg: DictConfig) -> None:
 
 def ensure_generated(dataset: DictConfig, generate, spec_type, what: str) -> None:
     """Generate a synthetic dataset (`generate(root, spec_type(**dataset.synthetic))`) on first
-    use; real datasets must exist."""
+    use, or again when its spec changed; real datasets must exist. Only a new, empty or
+    generated folder is written: a user's folder is refused (ConfigError naming dataset.root)."""
     synthetic = dataset.get("synthetic")
-    if synthetic and not is_complete(dataset.root):
-        log.info("generating synthetic %s data in %s", what, dataset.root)
-        generate(dataset.root, spec_type(**to_container(synthetic)))
+    if synthetic:
+        spec = spec_type(**to_container(synthetic))
+        if not is_complete(dataset.root, spec):
+            log.info("generating synthetic %s data in %s", what, dataset.root)
+            try:
+                generate(dataset.root, spec)
+            except ForeignFolderError as err:
+                raise ConfigError(f"dataset.root={dataset.root}: {err}") from err
     if not Path(dataset.root).is_dir():
         raise ConfigError(f"dataset.root={dataset.root} is not a folder")
 
@@ -102,6 +111,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     backbone = instantiate_node(cfg.backbone, "backbone")
@@ -115,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     timer = StageTimer()
     summary: dict[str, Any] = {"task": "train", "run_dir": str(run_dir), "cache_keys": {}}
     tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
-    try:
+    with recorded_run(run_dir, summary, timer, tracker):
         if cfg.predictor == "backbone_classifier":
             predictor: Predictor = BackboneClassifierPredictor(backbone)
         else:
@@ -143,10 +153,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 backbone, features, result.module.head, result.module.species_ids
             )
         _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer, summary)
-    finally:
-        summary["stage_seconds"] = timer.seconds
-        write_json(run_dir / "summary.json", summary)
-        tracker.finish()
     log.info("summary: %s", run_dir / "summary.json")
     return summary
 
@@ -215,6 +221,7 @@ def build_trainer(
     stopping on `monitor`, logging to the run's CSV/W&B loggers."""
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
+    set_aside_previous(checkpoint_dir)  # this run owns best.ckpt / last.ckpt (never best-v1)
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
             dirpath=checkpoint_dir,
@@ -286,9 +293,12 @@ def _predict_and_score(
 
 def infer(cfg: DictConfig) -> dict[str, Any]:
     """Predict (and score) with a trained checkpoint, or with the backbone's own classifier."""
+    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
     require_choice(cfg, "predictor", PREDICTORS)
     require_positive(cfg, "predict.batch_size", "predict.quadrats_per_batch")
     strategy = instantiate_node(cfg.inference, "inference")
+    ensure_dataset(cfg.dataset)  # before loading models: a wrong dataset.root fails fast
+    test_images = list_test_images(cfg.dataset.test_images_dir)
     if cfg.predictor == "head":
         if not cfg.get("ckpt_path"):
             raise ConfigError(
@@ -298,8 +308,6 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         predictor: Predictor = load_head_predictor(Path(cfg.ckpt_path))
     else:
         predictor = BackboneClassifierPredictor(instantiate_node(cfg.backbone, "backbone"))
-    ensure_dataset(cfg.dataset)
-    test_images = list_test_images(cfg.dataset.test_images_dir)
     run_dir = run_dir_of(cfg)
     timer = StageTimer()
     summary: dict[str, Any] = {
@@ -308,12 +316,8 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": cfg.get("ckpt_path"),
     }
     tracker = RunTracker(cfg.logger, run_dir, "infer", cfg)
-    try:
+    with recorded_run(run_dir, summary, timer, tracker):
         _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer, summary)
-    finally:
-        summary["stage_seconds"] = timer.seconds
-        write_json(run_dir / "summary.json", summary)
-        tracker.finish()
     return summary
 
 
@@ -321,7 +325,7 @@ def load_head_predictor(checkpoint: Path) -> EmbeddingHeadPredictor:
     """Rebuild backbone, features and head exactly as they were at training time."""
     if not checkpoint.is_file():
         raise ConfigError(f"ckpt_path={checkpoint} does not exist")
-    module = EmbeddingClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    module = load_lightning_module(EmbeddingClassifier, checkpoint)
     module.eval()
     context = module.hparams.context or {}
     label_map = read_label_map(checkpoint)

@@ -21,7 +21,12 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from vitlab.cache import directory_fingerprint, file_sha256
-from vitlab.config import instantiate_node, require_choice, to_container
+from vitlab.config import (
+    instantiate_node,
+    require_choice,
+    set_extra_target_prefixes,
+    to_container,
+)
 from vitlab.data.fungiclef import (
     UNKNOWN,
     aggregate_by_observation,
@@ -46,10 +51,11 @@ from vitlab.metrics.fungiclef import (
 )
 from vitlab.reports import embedding_map_png, per_class_f1, poison_confusion
 from vitlab.run import StageTimer, build_trainer, ensure_generated, run_dir_of
+from vitlab.safe_load import load_lightning_module
 from vitlab.stages.embed import embed_prepared
 from vitlab.stages.prepare import PrepareParams, prepare_images
 from vitlab.tasks.fungiclef import IGNORE, FungiClassifier
-from vitlab.tracking import RunTracker, write_json
+from vitlab.tracking import RunTracker, recorded_run, write_json
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("none", "val_distribution")
@@ -143,6 +149,7 @@ def _image_work(frames: dict[str, tuple[pd.DataFrame, Path]]) -> tuple[pd.DataFr
 
 
 def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
+    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
     require_choice(cfg, "sampler", SAMPLERS)
     require_choice(cfg, "ensemble.average", AVERAGES)
     require_choice(cfg, "fit.mode", ("min", "max"))
@@ -163,7 +170,7 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
     timer = StageTimer()
     summary: dict[str, Any] = {"task": "train", "pipeline": "fungiclef", "run_dir": str(run_dir)}
     tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
-    try:
+    with recorded_run(run_dir, summary, timer, tracker):
         parts = {"DF20": (df20, Path(ds.train_images_dir)), "DF21": (df21, Path(ds.val_images_dir))}
         if test is not None:
             parts["test"] = (test, Path(ds.test_images_dir))
@@ -222,10 +229,6 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
             _ensemble_and_score(
                 cfg, folds, data, df21_rows, poisonous, test_observations, run_dir, tracker, summary
             )
-    finally:
-        summary["stage_seconds"] = timer.seconds
-        write_json(run_dir / "summary.json", summary)
-        tracker.finish()
     return summary
 
 
@@ -318,11 +321,7 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summa
         trainer.fit(module, loader, val_loader)
         ckpt = trainer.checkpoint_callback
         best = Path(ckpt.best_model_path or ckpt.last_model_path)
-        folds.append(
-            FoldModel(
-                name, FungiClassifier.load_from_checkpoint(best, map_location="cpu"), best, val_rows
-            )
-        )
+        folds.append(FoldModel(name, load_lightning_module(FungiClassifier, best), best, val_rows))
         summary.setdefault("folds", {})[name] = {
             "checkpoint": str(best),
             "train_images": len(train_rows.frame),

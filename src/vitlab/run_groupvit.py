@@ -16,7 +16,13 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from vitlab.config import ConfigError, require_choice, require_positive, to_container
+from vitlab.config import (
+    ConfigError,
+    require_choice,
+    require_positive,
+    set_extra_target_prefixes,
+    to_container,
+)
 from vitlab.data.coco_captions import (
     CocoCaptionsDataset,
     coco_paths,
@@ -38,7 +44,7 @@ from vitlab.models.groupvit.tagged_sample import SampleTrainedTagger
 from vitlab.models.groupvit.text import KINDS, PAD_MODES, CaptionLabeler, nltk_pos_tagger
 from vitlab.run import StageTimer, build_trainer, ensure_generated, run_dir_of
 from vitlab.tasks.groupvit import COMPONENTS, GroupViTFineTuner, LossWeights
-from vitlab.tracking import RunTracker, write_json
+from vitlab.tracking import RunTracker, recorded_run
 
 log = logging.getLogger(__name__)
 SPEC_PRESETS = {"released": released_spec, "tiny": tiny_spec}
@@ -52,7 +58,14 @@ def build_groupvit(model_cfg: dict[str, Any]) -> GroupViT:
     source = model_cfg.get("source")
     if source:
         try:
-            return load_groupvit(source, model_cfg.get("kind", "auto"), overrides)
+            trust = bool(model_cfg.get("trust_checkpoint", False))
+            return load_groupvit(
+                source,
+                model_cfg.get("kind", "auto"),
+                overrides,
+                trust=trust,
+                trust_key="groupvit.model.trust_checkpoint",
+            )
         except CheckpointError as err:
             raise ConfigError(f"groupvit.model.source: {err}") from err
     spec_cfg = dict(model_cfg.get("spec") or {})
@@ -154,6 +167,7 @@ class EpochCaptions(pl.Callback):
 
 
 def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
+    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
     validate_groupvit(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     gv = cfg.groupvit
@@ -164,7 +178,7 @@ def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
     timer = StageTimer()
     summary: dict[str, Any] = {"task": "train", "pipeline": "groupvit", "run_dir": str(run_dir)}
     tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
-    try:
+    with recorded_run(run_dir, summary, timer, tracker):
         with timer.stage("data"):
             data_report: dict[str, Any] = {}
             train_set, val_set = caption_datasets(cfg, labeler, data_report)
@@ -203,10 +217,5 @@ def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
             summary["entropy_maps"] = str(maps[-1])
             tracker.log_image("entropy_maps", maps[-1])
         tracker.log_metrics({f"final/{k}": v for k, v in summary["fit_metrics"].items()})
-    finally:
-        summary["stage_seconds"] = timer.seconds
-        if is_global_zero():
-            write_json(run_dir / "summary.json", summary)
-        tracker.finish()
     log.info("GroupViT checkpoint for segmentation: %s", summary.get("groupvit_checkpoint"))
     return summary

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from vitlab.config import ConfigError, require_positive
+from vitlab.config import ConfigError, require_positive, set_extra_target_prefixes
 from vitlab.data.images import CorruptImageError, decode_image
 from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.segmentation import (
@@ -37,7 +37,7 @@ from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, CheckpointError
 from vitlab.models.groupvit.model import GroupViT
 from vitlab.progress import progress
 from vitlab.run import StageTimer, run_dir_of
-from vitlab.tracking import RunTracker, write_json
+from vitlab.tracking import RunTracker, recorded_run
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,10 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
         raise ConfigError(f"segmentation.checkpoint_kind={kind!r} is not one of {CHECKPOINT_KINDS}")
     overrides = {"logit_scale_max": cfg.segmentation.logit_scale_max}
     try:
-        model = load_groupvit(source, kind, overrides).eval()
+        trust = bool(cfg.segmentation.get("trust_checkpoint", False))
+        model = load_groupvit(
+            source, kind, overrides, trust=trust, trust_key="segmentation.trust_checkpoint"
+        ).eval()
     except CheckpointError as err:
         raise ConfigError(f"ckpt_path: {err}") from err
     device = cfg.segmentation.get("device", "auto")
@@ -82,6 +85,7 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
 
 
 def evaluate_segmentation(cfg: DictConfig) -> dict[str, Any]:
+    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
     require_positive(cfg, "segmentation.short_side", "segmentation.crop", "segmentation.stride")
     spec = spec_from_config(cfg.dataset)
     settings = segmentation_settings(cfg.segmentation, spec)
@@ -97,7 +101,7 @@ def evaluate_segmentation(cfg: DictConfig) -> dict[str, Any]:
         "settings": settings.__dict__,
     }
     tracker = RunTracker(cfg.logger, run_dir, "segmentation", cfg)
-    try:
+    with recorded_run(run_dir, summary, timer, tracker):
         with timer.stage("text"):
             # background gets no prompt: it is the channel the background rule fills
             text = class_text_embeddings(model, spec.prompt_names, list(cfg.segmentation.templates))
@@ -105,10 +109,6 @@ def evaluate_segmentation(cfg: DictConfig) -> dict[str, Any]:
             scores = evaluate_samples(model, text, samples, spec, settings, cfg, run_dir, tracker)
         summary.update(scores)
         _report(scores, spec, run_dir, tracker)
-    finally:
-        summary["stage_seconds"] = timer.seconds
-        write_json(run_dir / "summary.json", summary)
-        tracker.finish()
     log.info(
         "mIoU %.4f over %d images (%s)",
         summary.get("miou", float("nan")),
@@ -178,10 +178,7 @@ def evaluate_samples(
 
 
 def _write_prediction(path: Path, labels: np.ndarray) -> None:
-    """Palette PNG written under a temporary name then renamed: never a truncated file."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    write_label_png(tmp, labels.astype(np.uint8))
-    tmp.replace(path)
+    write_label_png(path, labels.astype(np.uint8))  # atomic: never a truncated file
 
 
 def _overlay(image, prediction, truth, spec, run_dir: Path, sample_id: str, tracker) -> None:

@@ -84,6 +84,11 @@ def _add_model(parser: argparse.ArgumentParser, *names: str, required: bool = Tr
         )
     parser.add_argument("--checkpoint-kind", default="auto", choices=CHECKPOINT_KINDS)
     parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="fully unpickle a file holding objects the safe loader refuses (runs its code)",
+    )
+    parser.add_argument(
         "--logit-scale-max",
         type=_scale_max,
         default=100.0,
@@ -220,7 +225,9 @@ def _load_model(source: str, args: argparse.Namespace, flag: str):
     elif _looks_local(source, args.checkpoint_kind):
         raise AnalysisError(f"{flag}: checkpoint not found: {source}")
     overrides = {"logit_scale_max": args.logit_scale_max}
-    model = load_groupvit(source, args.checkpoint_kind, overrides)
+    model = load_groupvit(
+        source, args.checkpoint_kind, overrides, args.trust_checkpoint, "--trust-checkpoint"
+    )
     return model.to(_device(args.device)).eval()
 
 

@@ -421,11 +421,12 @@ def ensure_synthetic_voc(cfg: Mapping[str, Any] | Any) -> Path:
         CocoCaptionsSyntheticSpec,
         generate_coco_captions,
     )
-    from vitlab.data.synthetic.plantclef import is_complete
+    from vitlab.data.synthetic.markers import is_complete
 
     out = root.parent.parent
-    if not is_complete(out):
-        generate_coco_captions(out, CocoCaptionsSyntheticSpec(**synthetic))
+    spec = CocoCaptionsSyntheticSpec(**synthetic)
+    if not is_complete(out, spec):
+        generate_coco_captions(out, spec)  # refuses a folder it did not create
     return root
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vitlab.atomic import atomic_output
 from vitlab.data.images import IMAGE_ERRORS
 from vitlab.data.plantclef import DatasetFormatError
 
@@ -85,7 +86,8 @@ def write_label_png(path: str | Path, labels: np.ndarray) -> None:
         raise ValueError(f"label values must be in 0..255, got {labels.min()}..{labels.max()}")
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
     img.putpalette(voc_colormap().reshape(-1).tolist())
-    img.save(path, format="PNG")
+    with atomic_output(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def read_label_png(path: str | Path) -> np.ndarray:

@@ -2,14 +2,15 @@
 
 Work rows are range-partitioned by shard number and processed with `mapInPandas`; the task
 builds its model once per Python worker process (never pickled from the driver), writes each
-output shard atomically (its report beside it) into the stage folder; the driver records each
-shard in the manifest as its file appears (logging shards done, rate and ETA). The stage
-folder must be on a file system every executor sees (local disk for `local[*]`, NFS/shared
-storage on a cluster).
+output shard atomically (its report, with the shard's size and SHA-256, beside it) into the
+stage folder; the driver records each shard in the manifest as its file appears (logging shards
+done, rate and ETA). The stage folder must be on a file system every executor sees (local disk
+for `local[*]`, NFS/shared storage on a cluster).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,14 @@ from typing import Any
 
 import pandas as pd
 
-from vitlab.data.shards import ShardedStage, atomic_write_text, shard_name, write_shard_file
+from vitlab.data.shards import (
+    ShardedStage,
+    atomic_write_bytes,
+    atomic_write_text,
+    encode_shard,
+    shard_name,
+    shard_report_path,
+)
 from vitlab.engines.local import ShardTask
 
 log = logging.getLogger(__name__)
@@ -110,15 +118,17 @@ class _ShardProgress:
         )
 
 
-def report_path(directory: Path, shard_no: int) -> Path:
-    return Path(directory) / f".{shard_name(shard_no)}.report.json"
-
-
 def read_shard_report(directory: Path, shard_no: int) -> tuple[int, dict] | None:
-    """(rows, report) of a shard an executor finished, or None while it is not there."""
-    if not (Path(directory) / shard_name(shard_no)).is_file():
+    """(rows, report) of a shard an executor finished, or None while it is not there. The
+    report carries the size and SHA-256 of the bytes the executor wrote; a file of another
+    size is a leftover of an earlier run that the executor has not replaced yet."""
+    try:
+        size = (Path(directory) / shard_name(shard_no)).stat().st_size
+        report = json.loads(shard_report_path(directory, shard_no).read_text())
+    except FileNotFoundError:
         return None
-    report = json.loads(report_path(directory, shard_no).read_text())
+    if "bytes" in report and report["bytes"] != size:
+        return None
     return int(report.pop("rows")), report
 
 
@@ -132,12 +142,16 @@ def _partition_runner(task: ShardTask, directory: str):
         work = pd.concat(parts, ignore_index=True)
         for shard_no, rows in work.groupby("shard", sort=True):
             table, report = task(int(shard_no), rows, None)
+            data = encode_shard(table)
+            digest = hashlib.sha256(memoryview(data)).hexdigest()
             # the report goes first: a shard file that exists always has its report beside it
             atomic_write_text(
-                report_path(Path(directory), int(shard_no)),
-                json.dumps({"rows": table.num_rows, **report}),
+                shard_report_path(Path(directory), int(shard_no)),
+                json.dumps(
+                    {"rows": table.num_rows, "bytes": data.size, "sha256": digest, **report}
+                ),
             )
-            write_shard_file(Path(directory), int(shard_no), table)
+            atomic_write_bytes(Path(directory) / shard_name(int(shard_no)), data)
             yield pd.DataFrame(
                 {"shard": [int(shard_no)], "rows": [table.num_rows], "report": [json.dumps(report)]}
             )

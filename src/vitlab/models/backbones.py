@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.cache import directory_fingerprint, file_sha256
+from vitlab.hub import hub_load_error, use_hub
+from vitlab.safe_load import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,11 @@ class Backbone(nn.Module, ABC):
         """Everything that determines the weights, for cache keys."""
 
 
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+def _load_state_dict_file(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Weights from a timm training checkpoint (dict with `state_dict`), a `model` dict, or a
-    bare state dict; DDP `module.` prefixes removed."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # training checkpoints pickle argparse args; the file is the user's own
-        log.warning("%s holds more than tensors; loading it with weights_only=False", path)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    bare state dict; DDP `module.` prefixes removed. Loaded with the allow-listed unpickler
+    (timm's `args` Namespace passes); anything else needs `backbone.trust_checkpoint=true`."""
+    checkpoint = load_checkpoint_file(path, trust=trust, opt_in="backbone.trust_checkpoint")
     state = checkpoint
     for key in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and key in checkpoint:
@@ -106,6 +105,7 @@ class TimmBackbone(Backbone):
         model_kwargs: dict[str, Any] | None = None,
         input_size: int | None = None,
         seed: int = 0,
+        trust_checkpoint: bool = False,
     ):
         import timm
 
@@ -117,14 +117,24 @@ class TimmBackbone(Backbone):
         if self.checkpoint_path is not None:
             if not self.checkpoint_path.is_file():
                 raise FileNotFoundError(f"backbone.checkpoint_path not found: {checkpoint_path}")
-            state = _load_state_dict_file(self.checkpoint_path)
+            state = _load_state_dict_file(self.checkpoint_path, trust=trust_checkpoint)
         if num_classes is None:
             num_classes = self._classes_in(state) if state is not None else 0
+        if pretrained:
+            use_hub(name)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # random-init weights are reproducible, so cacheable
-            self.model = timm.create_model(
-                name, pretrained=pretrained, num_classes=num_classes, **self.model_kwargs
-            )
+            try:
+                self.model = timm.create_model(
+                    name, pretrained=pretrained, num_classes=num_classes, **self.model_kwargs
+                )
+            except OSError as err:  # the pretrained weights could not be fetched
+                raise hub_load_error(
+                    name,
+                    "backbone.name",
+                    "backbone.pretrained=false backbone.checkpoint_path=<the weights file>",
+                    err,
+                ) from err
         if state is not None:
             try:
                 missing, unexpected = self.model.load_state_dict(state, strict=False)
@@ -217,9 +227,19 @@ class HfDinov2Backbone(Backbone):
         )
         self.config_overrides = dict(config or {})
         if pretrained:
-            self.model = AutoModel.from_pretrained(
-                model_id, revision=revision, **self.config_overrides
-            )
+            use_hub(model_id)
+            try:
+                self.model = AutoModel.from_pretrained(
+                    model_id, revision=revision, **self.config_overrides
+                )
+            except OSError as err:  # not found, no network, not in the cache
+                raise hub_load_error(
+                    model_id,
+                    "backbone.model_id",
+                    "backbone.model_id=<its folder> (`hf download "
+                    f"{model_id} --local-dir <folder>`)",
+                    err,
+                ) from err
         else:
             if Path(model_id).is_dir():
                 hf_config = AutoConfig.from_pretrained(model_id, **self.config_overrides)

@@ -18,9 +18,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from vitlab.data.shards import ShardedStage, arrow_to_embeddings
+from vitlab.data.shards import ShardedStage, arrow_to_embeddings, atomic_write_text
 from vitlab.data.streaming import ParquetStream
 from vitlab.metrics.classification import accuracy, macro_f1
+from vitlab.safe_load import load_lightning_module
 from vitlab.tasks.classification import EmbeddingClassifier
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def fit_head(
         best = checkpoint_dir / "final.ckpt"
         trainer.save_checkpoint(best)
     write_label_map(best.parent, splits.species_ids)
-    best_module = EmbeddingClassifier.load_from_checkpoint(best, map_location="cpu")
+    best_module = load_lightning_module(EmbeddingClassifier, best)
     # callback_metrics are the last epoch's; the *_images/* metrics below are the best checkpoint's
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
@@ -185,7 +186,7 @@ def fit_head(
 
 def write_label_map(directory: Path, species_ids: list[int]) -> Path:
     path = directory / LABEL_MAP_FILE
-    path.write_text(json.dumps({"species_ids": species_ids}))
+    atomic_write_text(path, json.dumps({"species_ids": species_ids}))
     return path
 
 

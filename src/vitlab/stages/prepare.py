@@ -108,13 +108,32 @@ def prepare_images(
     report: dict[str, Any] | None = None,
 ) -> ShardedStage:
     """Prepared shards of the images in `work` (columns image_name, path, + label columns that
-    are kept), cached under a key of `key_parts` and the parameters."""
+    are kept), cached under a key of `key_parts` and the parameters.
+
+    A cache hit checks that every shard is there with its recorded size; checksums are verified
+    when shards are reused by a resume here, and by `embed_prepared` before it reads them (the
+    full prepared images are large and not read at all when the embeddings are cached). A bad
+    shard is recomputed from its rows."""
     engine = engine or LocalEngine()
     key = content_key("prepare-v1", *key_parts, asdict(params))
     stage = ShardedStage(Path(cache_dir) / "prepare" / key, key, asdict(params))
+    stage.rebuild = lambda: _compute_missing_shards(stage, work, params, engine, report)
+    # a hit: sizes only (a stat per shard); a resume: checksums of the shards it keeps
+    stage.verify(checksum=not stage.complete)
     if stage.complete:
         log.info("prepare: cache hit %s (%s)", key, stage.directory)
         return stage
+    stage.rebuild()
+    return stage
+
+
+def _compute_missing_shards(
+    stage: ShardedStage,
+    work: pd.DataFrame,
+    params: PrepareParams,
+    engine: Any,
+    report: dict[str, Any] | None,
+) -> None:
     stage.remove_stale_temporaries()
     if work.empty:
         raise ValueError("prepare: no image to prepare")
@@ -133,7 +152,6 @@ def prepare_images(
     }
     stage.finish(full_report)
     log.info("prepare: %s", {k: v for k, v in full_report.items() if not k.endswith("examples")})
-    return stage
 
 
 def prepare_training_images(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from vitlab.atomic import atomic_output
 from vitlab.metrics.plantclef import per_plot_f1, per_species_f1, plantclef_scores
 
 
@@ -37,6 +38,7 @@ def plot_per_species_f1(
     overall = plantclef_scores(truth, predictions)["macro_f1_per_species"]
     ax.set_title(f"per-species F1 (macro {overall:.3f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path

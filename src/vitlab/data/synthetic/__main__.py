@@ -10,6 +10,7 @@ from vitlab.data.synthetic.coco_captions import (
     generate_coco_captions,
 )
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
+from vitlab.data.synthetic.markers import ForeignFolderError
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
 
 
@@ -37,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     coco.add_argument("--n-val", type=int, default=CocoCaptionsSyntheticSpec.n_val)
     coco.add_argument("--image-size", type=int, default=CocoCaptionsSyntheticSpec.image_size)
     args = parser.parse_args(argv)
+    try:
+        return _generate(args)
+    except ForeignFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
     if args.dataset == "coco_captions":
         spec = CocoCaptionsSyntheticSpec(
             seed=args.seed, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size

@@ -15,14 +15,13 @@ Written (all deterministic given the seed):
     VOCdevkit/VOC2012/JPEGImages/2017_<6-digit id>.jpg                  train and val pictures
     VOCdevkit/VOC2012/SegmentationClass/2017_<6-digit id>.png
     VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt   COCO train / val split
-    .complete
+    .vitlab-synthetic (written first), .complete (last; markers.py)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from vitlab.data.coco_captions import coco_paths
 from vitlab.data.images import encode_jpeg
 from vitlab.data.shards import atomic_write_text
-from vitlab.data.synthetic.plantclef import COMPLETE_MARKER
+from vitlab.data.synthetic.markers import claim_output_dir, mark_complete
 from vitlab.data.voc import (
     IGNORE_INDEX,
     IMAGES_DIR,
@@ -367,7 +366,8 @@ def make_captions(
 def generate_coco_captions(
     out_dir: str | Path, spec: CocoCaptionsSyntheticSpec | None = None
 ) -> Path:
-    """Write the dataset; an existing folder is replaced. Returns the folder.
+    """Write the dataset into a new, empty or previously generated folder (a user's folder is
+    refused, never touched: markers.py). Returns the folder.
 
     Pictures and masks first, then the VOC split lists, then the COCO JSONs and `.complete`
     (atomically), so an interrupted run never leaves annotation files that look whole.
@@ -379,10 +379,7 @@ def generate_coco_captions(
         raise ValueError(f"image_size must be >= 32, got {spec.image_size}")
     if not 1 <= spec.max_objects <= 3:
         raise ValueError(f"max_objects must be in 1..3, got {spec.max_objects}")
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = claim_output_dir(out_dir)
     (out / "annotations").mkdir()
     voc = out / VOC2012_DIR
     for folder in (voc / IMAGES_DIR, voc / LABELS_DIR, voc / SPLITS_DIR):
@@ -441,5 +438,5 @@ def generate_coco_captions(
     atomic_write_text(voc / SPLITS_DIR / "trainval.txt", "\n".join(trainval) + "\n")
     for _, annotation_json, payload, _ in finished:
         atomic_write_text(annotation_json, json.dumps(payload))
-    atomic_write_text(out / COMPLETE_MARKER, f"seed={spec.seed}\n")
+    mark_complete(out, spec)
     return out

@@ -7,12 +7,11 @@ is poisonous, observations have 1-3 images, DF21 adds species unseen in DF20 (cl
 Written:
     FungiCLEF2023_train_metadata_PRODUCTION.csv, FungiCLEF2023_val_metadata_PRODUCTION.csv,
     FungiCLEF2023_public_test_metadata_PRODUCTION.csv (no labels), test_ground_truth.csv,
-    poison_status_list.csv, DF20_300/, DF21_300/, .complete
+    poison_status_list.csv, DF20_300/, DF21_300/, .vitlab-synthetic + .complete (markers.py)
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from vitlab.data.fungiclef import CSV_COLUMNS, UNKNOWN
-from vitlab.data.synthetic.plantclef import COMPLETE_MARKER, draw_plant, soil_background
+from vitlab.data.synthetic.markers import claim_output_dir, mark_complete
+from vitlab.data.synthetic.plantclef import draw_plant, soil_background
 
 TRAIN_CSV = "FungiCLEF2023_train_metadata_PRODUCTION.csv"
 VAL_CSV = "FungiCLEF2023_val_metadata_PRODUCTION.csv"
@@ -186,11 +186,10 @@ def _observation_rows(
 
 
 def generate_fungiclef(out_dir: str | Path, spec: FungiSyntheticSpec | None = None) -> Path:
-    """Write the dataset (an existing folder is replaced); returns the folder."""
+    """Write the dataset into a new, empty or previously generated folder (a user's folder is
+    refused, never touched: markers.py); returns the folder."""
     spec = spec or FungiSyntheticSpec()
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
+    out = claim_output_dir(out_dir)
     for folder in ("DF20_300", "DF21_300"):
         (out / folder).mkdir(parents=True)
     rng = np.random.default_rng(spec.seed)
@@ -227,5 +226,5 @@ def generate_fungiclef(out_dir: str | Path, spec: FungiSyntheticSpec | None = No
         }
     )
     poison.to_csv(out / POISON_CSV, index=False)
-    (out / COMPLETE_MARKER).write_text(f"seed={spec.seed}\n")
+    mark_complete(out, spec)
     return out

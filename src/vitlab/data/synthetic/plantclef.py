@@ -8,14 +8,13 @@ Layout written (names are the dataset config's defaults):
     images_max_side_800/<learn_tag>/<species_id>/<image_name>.jpg
     PlantCLEF2024test/<plot_id>.jpg                      multi-species quadrats
     test_ground_truth.csv                                submission format
-    .complete                                            written last
+    .vitlab-synthetic / .complete                        written first / last (markers.py)
 """
 
 from __future__ import annotations
 
 import colorsys
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +23,12 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from vitlab.data.plantclef import METADATA_COLUMNS, write_submission
+from vitlab.data.synthetic.markers import claim_output_dir, mark_complete
 
 METADATA_FILE = "PlantCLEF2024_single_plant_training_metadata.csv"
 TRAIN_IMAGES_DIR = "images_max_side_800"
 TEST_IMAGES_DIR = "PlantCLEF2024test"
 GROUND_TRUTH_FILE = "test_ground_truth.csv"
-COMPLETE_MARKER = ".complete"
 SHAPES = ("discs", "star", "striped", "squares")
 ORGANS = ("leaf", "flower", "habit", "fruit", "bark")
 
@@ -153,14 +152,12 @@ def _species_counts(spec: PlantClefSyntheticSpec, rng: np.random.Generator) -> l
 
 
 def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None = None) -> Path:
-    """Write the dataset; an existing folder is replaced. Returns the folder."""
+    """Write the dataset into a new, empty or previously generated folder (see markers.py: a
+    user's folder is refused, never touched). Returns the folder."""
     spec = spec or PlantClefSyntheticSpec()
     if spec.n_species - spec.n_rare_species < spec.species_per_quadrat[1]:
         raise ValueError("n_species - n_rare_species must be >= the species per quadrat")
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = claim_output_dir(out_dir)
     rng = np.random.default_rng(spec.seed)
     species_ids = sorted(
         int(s) for s in rng.choice(np.arange(1_300_000, 1_800_000), spec.n_species, replace=False)
@@ -194,7 +191,7 @@ def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None 
         img.save(test_dir / f"{plot_id}.jpg", quality=92)
         truth[plot_id] = [species_ids[i] for i in present]
     write_submission(truth, out / GROUND_TRUTH_FILE)
-    (out / COMPLETE_MARKER).write_text(f"seed={spec.seed}\n")
+    mark_complete(out, spec)
     return out
 
 
@@ -224,7 +221,3 @@ def _metadata_row(
         "learn_tag": tag,
         "image_backup_url": "",
     }
-
-
-def is_complete(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / COMPLETE_MARKER).is_file()

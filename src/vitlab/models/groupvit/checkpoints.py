@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from vitlab.hub import hub_offline, use_hub
 from vitlab.models.groupvit.model import GroupViT, GroupViTSpec
+from vitlab.safe_load import UnsafeCheckpointError, load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -341,13 +344,29 @@ def spec_from_state_dict(state: dict[str, Tensor], **overrides) -> GroupViTSpec:
 CHECKPOINT_KINDS = ("auto", "vitlab", "nvlabs", "transformers")
 
 
-def detect_checkpoint_kind(source: str | Path) -> str:
+def detect_checkpoint_kind(
+    source: str | Path, trust: bool = False, trust_key: str = "trust_checkpoint"
+) -> str:
     path = Path(source)
     if not path.exists() and _looks_like_local_path(str(source)):
         raise CheckpointError(f"checkpoint {source} does not exist")
     if path.is_dir() or not path.exists():
         return "transformers"  # a saved directory or a hub id
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return _kind_of_payload(read_checkpoint_payload(path, trust, trust_key), path)
+
+
+def read_checkpoint_payload(
+    path: str | Path, trust: bool = False, trust_key: str = "trust_checkpoint"
+) -> Any:
+    """The unpickled file, by the allow-listed loader (vitlab, Lightning and NVlabs formats pass);
+    other objects need `trust`, which the caller's `trust_key` (config key or flag) sets."""
+    try:
+        return load_checkpoint_file(path, trust=trust, opt_in=trust_key)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(str(err)) from err
+
+
+def _kind_of_payload(payload: Any, path: Path) -> str:
     if isinstance(payload, dict) and "groupvit_spec" in payload:
         return "vitlab"
     if isinstance(payload, dict) and "model" in payload:
@@ -365,32 +384,47 @@ def _looks_like_local_path(source: str) -> bool:
 
 
 def load_groupvit(
-    source: str | Path, kind: str = "auto", spec_overrides: dict | None = None
+    source: str | Path,
+    kind: str = "auto",
+    spec_overrides: dict | None = None,
+    trust: bool = False,
+    trust_key: str = "trust_checkpoint",
 ) -> GroupViT:
     """Build our GroupViT from a checkpoint.
 
     kind: `vitlab` (our `.ckpt`/`.pt`: Lightning or `save_groupvit`), `nvlabs` (`ckpt['model']`),
     `transformers` (hub id such as `nvidia/groupvit-gcc-yfcc`, or a `save_pretrained` directory),
     or `auto` to detect. `spec_overrides` set what shapes cannot tell (NVlabs head counts) and
-    runtime settings (`logit_scale_max`, `drop_path_rate`, `gumbel_tau`).
+    runtime settings (`logit_scale_max`, `drop_path_rate`, `gumbel_tau`). Files are read by the
+    allow-listed unpickler; `trust` allows a full unpickle (it runs code in the file).
     """
     if kind not in CHECKPOINT_KINDS:
         raise ValueError(f"checkpoint kind {kind!r} not in {CHECKPOINT_KINDS}")
     overrides = dict(spec_overrides or {})
-    kind = detect_checkpoint_kind(source) if kind == "auto" else kind
+    payload = None
+    if kind != "transformers" and Path(source).is_file():
+        payload = read_checkpoint_payload(source, trust, trust_key)
+    if kind == "auto":
+        kind = _kind_of_payload(payload, Path(source)) if payload is not None else None
+        kind = kind or detect_checkpoint_kind(source, trust, trust_key)
     if kind == "transformers":
         from transformers import GroupViTModel
 
+        use_hub(str(source))
         try:
             hf = GroupViTModel.from_pretrained(str(source))
         except OSError as err:
+            why = "the hub is offline or unreachable and it is not in the local cache"
             raise CheckpointError(
                 f"{source}: not a transformers GroupViT directory, and loading it as a hub id "
-                f"failed (no network?): {err}"
+                f"failed ({why if hub_offline() else err}). Without network: download it on a "
+                f"connected machine (`hf download {source} --local-dir <folder>`) and pass the "
+                "folder instead"
             ) from err
         spec = _with_overrides(spec_from_hf_config(hf.config), overrides)
         return load_hf_state_dict(GroupViT(spec), hf.state_dict(), origin=str(source)).eval()
-    payload = torch.load(source, map_location="cpu", weights_only=False)
+    if payload is None:
+        raise CheckpointError(f"checkpoint {source} is not a file (kind={kind})")
     if kind == "nvlabs":
         state = payload["model"]
         # head counts are not in the shapes: our NVlabs exports carry them in `vitlab_spec`

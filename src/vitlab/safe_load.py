@@ -1,0 +1,113 @@
+"""Loading checkpoint files without running code from them.
+
+`torch.load(weights_only=True)` unpickles tensors and plain containers only. The release formats
+users bring hold a few more objects, which are allow-listed here and nothing else:
+- timm / PlantNet training checkpoints (`model_best.pth.tar`): `args` is an argparse.Namespace,
+  metrics may be numpy scalars;
+- NVlabs GroupViT `.pth`: `config` is an omegaconf DictConfig (optimizer/scheduler states and
+  metrics are plain containers).
+Any other object in a file fails with an error that names it and the key that opts in to a full
+unpickle (which runs whatever code the file contains: only for files one trusts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import pickle
+import re
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitlab.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint holds objects outside the allow-list; loading it would run its code."""
+
+
+def _allowed_globals() -> list[Any]:
+    from omegaconf import base, dictconfig, listconfig, nodes
+
+    omegaconf_types = [
+        dictconfig.DictConfig,
+        listconfig.ListConfig,
+        base.ContainerMetadata,
+        base.Metadata,
+        nodes.AnyNode,
+        nodes.StringNode,
+        nodes.IntegerNode,
+        nodes.FloatNode,
+        nodes.BooleanNode,
+        nodes.BytesNode,
+        nodes.PathNode,
+    ]
+    numpy_types = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32))]
+    numpy_types += [type(np.dtype(np.int64)), type(np.dtype(np.int32)), type(np.dtype(np.bool_))]
+    scalar = getattr(np, "_core", np.core).multiarray.scalar
+    builtins_types = [dict, list, tuple, set, int, float, str, bool]
+    return [
+        argparse.Namespace,
+        collections.defaultdict,  # omegaconf's (empty) resolver cache
+        collections.OrderedDict,
+        typing.Any,
+        scalar,
+        *numpy_types,
+        *omegaconf_types,
+        *builtins_types,
+    ]
+
+
+@contextmanager
+def allowlisted_globals() -> Iterator[None]:
+    """Within this block `torch.load(weights_only=True)` also accepts the allow-listed types."""
+    with torch.serialization.safe_globals(_allowed_globals()):
+        yield
+
+
+def unsafe_global_in(err: BaseException) -> str | None:
+    """The `module.name` torch's weights-only unpickler refused, when its message says."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return match.group(1) if match else None
+
+
+def load_checkpoint_file(path: str | Path, *, trust: bool = False, opt_in: str) -> Any:
+    """`torch.load` a file with the allow-listed unpickler; with `trust`, fall back to a full
+    unpickle (logged). Without it, objects outside the allow-list raise UnsafeCheckpointError
+    naming the object and `opt_in`, the config key or flag that sets `trust`."""
+    try:
+        with allowlisted_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        culprit = unsafe_global_in(err) or "an object outside the allow-list"
+        if not trust:
+            how = f"pass {opt_in}" if opt_in.startswith("--") else f"set {opt_in}=true"
+            raise UnsafeCheckpointError(
+                f"{path} holds {culprit}, which the safe loader does not accept: unpickling it "
+                f"could run code from the file. If you trust where the file comes from, {how} "
+                "to load it with a full unpickle."
+            ) from err
+        log.warning("%s holds %s: loading it with a full unpickle (%s=true)", path, culprit, opt_in)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_lightning_module(module_type: type, path: str | Path) -> Any:
+    """A vitlab LightningModule from its checkpoint, loaded with the allow-listed unpickler."""
+    try:
+        with allowlisted_globals():
+            return module_type.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        culprit = unsafe_global_in(err) or "an object outside the allow-list"
+        raise UnsafeCheckpointError(
+            f"{path} holds {culprit}: not a checkpoint vitlab wrote, and unpickling it could "
+            "run code from the file; refused"
+        ) from err
