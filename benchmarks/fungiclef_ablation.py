@@ -31,7 +31,7 @@ ROWS = [
         ],
     ),
     (
-        "seesaw + 0.1 poison (final)",
+        "seesaw + 0.1 poison + aux targets (final_aux)",
         [
             "loss=seesaw_poison",
             "aux_targets.poisonous=0.1",
@@ -39,6 +39,7 @@ ROWS = [
             "aux_targets.family=0.1",
         ],
     ),
+    ("seesaw + 0.1 poison (final)", ["loss=seesaw_poison"]),
 ]
 KEYS = ["track1", "track2", "track3", "macro_f1", "accuracy"]
 

@@ -105,7 +105,7 @@ def cut_only_rate(paths: list[Path], size: int) -> tuple[float, int, float | Non
     what the predict stage's loader thread has to keep up with."""
 
     def cut_all() -> int:
-        quadrats = [cut_tiles(p, GridArgmax(3), size, True) for p in paths]
+        quadrats = [cut_tiles(p, GridArgmax(3), size, "center_crop") for p in paths]
         return sum(len(q.tiles) for q in quadrats if q.tiles is not None)
 
     tiles, seconds, others = timed_with_noise(cut_all)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from omegaconf import DictConfig, open_dict
 
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(REPO / "configs")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 TINY_SPEC = PlantClefSyntheticSpec(
@@ -49,3 +52,14 @@ def compose_config(config_name: str, overrides: list[str], root: Path) -> DictCo
 def tiny_plantclef(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic PlantCLEF dataset in the official layout (read-only for tests)."""
     return generate_plantclef(tmp_path_factory.mktemp("plantclef") / "data", TINY_SPEC)
+
+
+def run_entry_point(entry: str, args: list[str], root: Path) -> subprocess.CompletedProcess:
+    """`python <entry> args...` as a user runs it, offline, with every path under `root`."""
+    return subprocess.run(
+        [sys.executable, str(REPO / entry), *args, "logger=csv", f"hydra.run.dir={root}/run"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VITLAB_ROOT": str(root), "WANDB_MODE": "disabled"},
+    )

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from tests.conftest import run_entry_point
 from vitlab.config import ConfigError
 from vitlab.data.segmentation import ensure_synthetic_voc
 from vitlab.data.synthetic.__main__ import main as synthetic_main
@@ -129,15 +127,21 @@ def test_entry_point_with_user_root_exits_2_and_keeps_data(entry, tmp_path):
     """The reported data loss: `python train.py dataset.root=/my/data` with the default
     (synthetic) dataset group used to rmtree /my/data and regenerate synthetic data there."""
     files = _user_folder(tmp_path / "mydata")
-    args = [f"dataset.root={tmp_path / 'mydata'}", "logger=csv", f"hydra.run.dir={tmp_path}/run"]
-    out = subprocess.run(
-        [sys.executable, str(REPO / entry), *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VITLAB_ROOT": str(tmp_path), "WANDB_MODE": "disabled"},
-    )
+    out = run_entry_point(entry, [f"dataset.root={tmp_path / 'mydata'}"], tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "dataset=plantclef" in out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     _assert_untouched(tmp_path / "mydata", files)
+
+
+def test_folders_from_before_the_owner_marker_are_still_ours(tmp_path):
+    out = generate_plantclef(tmp_path / "old", SMALL_PLANT)
+    (out / OWNER_MARKER).unlink()
+    (out / COMPLETE_MARKER).write_text("seed=1\n")  # what earlier versions wrote
+    generate_plantclef(out, SMALL_PLANT)
+    assert (out / OWNER_MARKER).is_file()
+    files = _user_folder(tmp_path / "mine")
+    (tmp_path / "mine" / COMPLETE_MARKER).write_text("done\n")  # a user's own marker file
+    with pytest.raises(ForeignFolderError):
+        generate_plantclef(tmp_path / "mine", SMALL_PLANT)
+    assert (tmp_path / "mine" / "notes.txt").read_bytes() == files["notes.txt"]

@@ -121,8 +121,9 @@ def test_scores_match_independent_computation(seed):
     assert scores["track3"] == np.round(
         track1(y_true, y_pred) + track2(y_true, y_pred, poisonous), 4
     )
-    assert scores["macro_f1"] == np.round(macro_f1(y_true, y_pred), 2)
-    assert scores["macro_f1"] == pytest.approx(ref_f1, abs=5e-3 + 1e-9)
+    # macro F1 rounded in percent like the organisers, then reported as a fraction
+    assert scores["macro_f1"] == round(np.round(macro_f1(y_true, y_pred), 2) / 100, 4)
+    assert 100 * scores["macro_f1"] == pytest.approx(ref_f1, abs=5e-3 + 1e-9)
     assert scores["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
     assert scores["poisonous_recall"] == pytest.approx(ref["poisonous_recall"], abs=1e-12)
 
@@ -162,7 +163,7 @@ def test_hand_computed_tracks():
         "track2": 20.2,
         "track3": 20.9,
         "track4": 2.32,
-        "macro_f1": 26.67,
+        "macro_f1": 0.2667,
         "accuracy": pytest.approx(0.3),
         "poisonous_recall": pytest.approx(1 / 3),
     }
@@ -186,7 +187,7 @@ def test_perfect_and_all_unknown_predictions():
     truth = {1: 5, 2: -1, 3: 7}
     perfect = fungiclef_scores(truth, dict(truth), {7})
     assert perfect["track1"] == perfect["track2"] == perfect["track4"] == 0.0
-    assert perfect["macro_f1"] == 100.0 and perfect["accuracy"] == 1.0
+    assert perfect["macro_f1"] == 1.0 and perfect["accuracy"] == 1.0
     unknown = fungiclef_scores(truth, {i: -1 for i in truth}, {7})
     assert unknown["track2"] == pytest.approx(round(100 / 3, 4))
     assert unknown["track4"] == pytest.approx(round(0.2 / 3, 4))

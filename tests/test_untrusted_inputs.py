@@ -19,6 +19,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
+from tests.conftest import run_entry_point
 from vitlab.cli import main as vitlab_cli
 from vitlab.config import ConfigError, instantiate_node, set_extra_target_prefixes
 from vitlab.models.backbones import create_backbone
@@ -121,24 +122,15 @@ def test_segmentation_with_crafted_checkpoint_exits_2_without_running_it(tmp_pat
     save_groupvit(GroupViT(tiny_spec()), tmp_path / "ours.pt")
     payload = torch.load(tmp_path / "ours.pt", weights_only=True)
     torch.save({**payload, "x": RunsCode(marker)}, tmp_path / "crafted.pt")
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "infer.py"),
-            "task=segmentation",
-            "experiment=segment_synthetic_voc",
-            f"ckpt_path={tmp_path / 'crafted.pt'}",
-            "logger=csv",
-            f"hydra.run.dir={tmp_path}/run",
-            "dataset.synthetic.n_train=2",
-            "dataset.synthetic.n_val=2",
-            "dataset.synthetic.image_size=40",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VITLAB_ROOT": str(tmp_path), "WANDB_MODE": "disabled"},
-    )
+    args = [
+        "task=segmentation",
+        "experiment=segment_synthetic_voc",
+        f"ckpt_path={tmp_path / 'crafted.pt'}",
+        "dataset.synthetic.n_train=2",
+        "dataset.synthetic.n_val=2",
+        "dataset.synthetic.image_size=40",
+    ]
+    out = run_entry_point("infer.py", args, tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "segmentation.trust_checkpoint=true" in out.stdout + out.stderr
     assert not marker.exists()
@@ -189,19 +181,8 @@ def test_extra_target_prefixes_extend_the_allow_list():
 
 def test_nested_target_on_the_command_line_exits_2(tmp_path):
     victim = tmp_path / "opened-by-config"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            f"+inference.extra={{_target_:builtins.open,file:{victim},mode:w}}",
-            "logger=csv",
-            f"hydra.run.dir={tmp_path}/run",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "VITLAB_ROOT": str(tmp_path), "WANDB_MODE": "disabled"},
-    )
+    target = f"+inference.extra={{_target_:builtins.open,file:{victim},mode:w}}"
+    out = run_entry_point("train.py", [target], tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "inference.extra._target_" in out.stdout + out.stderr
     assert not victim.exists()

@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument(
         "--kind", choices=["auto", "vitlab", "nvlabs", "transformers"], default="auto"
     )
+    export.add_argument(
+        "--no-processor",
+        action="store_true",
+        help="--to transformers: weights and config only, without the tokenizer and image "
+        "processor files (written by default so the folder loads as a full HF model)",
+    )
     info = gv_sub.add_parser("info", help="architecture and parameter count of a checkpoint")
     info.add_argument("source")
     info.add_argument(
@@ -142,7 +148,11 @@ def _groupvit(args: argparse.Namespace) -> int:
         print(json.dumps({"spec": model.spec.to_dict(), "parameters": n_params}, indent=1))
         return 0
     if args.to == "transformers":
-        out = export_transformers(model, args.out)
+        try:
+            out = export_transformers(model, args.out, processor=not args.no_processor)
+        except CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     elif args.to == "nvlabs":
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + ".tmp")

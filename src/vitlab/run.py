@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
 from vitlab.config import (
     ConfigError,
     instantiate_node,
@@ -26,13 +27,20 @@ from vitlab.config import (
     set_extra_target_prefixes,
     to_container,
 )
-from vitlab.data.plantclef import list_test_images, read_submission, write_submission
+from vitlab.data.missing_images import FRACTION_KEY, check_max_missing_fraction
+from vitlab.data.plantclef import (
+    check_plantclef_dataset,
+    read_submission,
+    write_submission,
+)
 from vitlab.data.synthetic.markers import ForeignFolderError, is_complete
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
+from vitlab.devices import require_accelerator
 from vitlab.safe_load import load_lightning_module
 from vitlab.stages.embed import embed_prepared
 from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
 from vitlab.stages.predict import (
+    TILE_FITS,
     BackboneClassifierPredictor,
     EmbeddingHeadPredictor,
     Predictor,
@@ -77,6 +85,17 @@ def validate(cfg: DictConfig) -> None:
     )
     if cfg.logger and cfg.logger.get("wandb"):
         require_choice(cfg, "logger.wandb.mode", WANDB_MODES)
+    seed = cfg.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ConfigError(f"seed must be a whole number >= 0 (or null: random), got {seed!r}")
+    if "center_crop" in cfg.predict:
+        raise ConfigError(
+            "predict.center_crop was replaced by predict.tile_fit: center_crop (the default, "
+            "was center_crop=true) | resize (was center_crop=false) | pad"
+        )
+    require_choice(cfg, "predict.tile_fit", TILE_FITS)
+    require_accelerator(cfg.get("trainer"))
+    check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
     if "NLLLoss" in str(cfg.loss.get("_target_", "")) and not cfg.head.model.get("log_softmax"):
         raise ConfigError(
             "loss=nll expects log-probabilities: set head.model.log_softmax=true or use loss=ce"
@@ -118,16 +137,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     features = instantiate_node(cfg.features, "features")
     strategy = instantiate_node(cfg.inference, "inference")
     engine = instantiate_node(cfg.engine, "engine")
-    prepare_params = _prepare_params(cfg)
+    prepare_params = PrepareParams.from_config(cfg.prepare)
+    classifier = None
+    if cfg.predictor == "backbone_classifier":
+        classifier = BackboneClassifierPredictor(backbone)  # no class mapping: fails now
     ensure_dataset(cfg.dataset)
-    test_images = list_test_images(cfg.dataset.test_images_dir)
+    # every input problem at once, before any work (folders, metadata, species filter, truth)
+    checked = check_plantclef_dataset(cfg.dataset, training=cfg.predictor == "head")
+    test_images = checked.test_images
+    if classifier is not None:
+        check_label_overlap(classifier.species_ids, cfg.dataset.get("test_ground_truth"), cfg)
     run_dir = run_dir_of(cfg)
     timer = StageTimer()
     summary: dict[str, Any] = {"task": "train", "run_dir": str(run_dir), "cache_keys": {}}
+    summary["dataset_check"] = checked.report
     tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
     with recorded_run(run_dir, summary, timer, tracker):
-        if cfg.predictor == "backbone_classifier":
-            predictor: Predictor = BackboneClassifierPredictor(backbone)
+        if classifier is not None:
+            predictor: Predictor = classifier
         else:
             with timer.stage("prepare"):
                 prepared = prepare_training_images(
@@ -136,6 +163,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     cfg.paths.cache_dir,
                     prepare_params,
                     engine,
+                    max_missing_fraction=check_max_missing_fraction(
+                        OmegaConf.select(cfg, FRACTION_KEY)
+                    ),
                 )
             with timer.stage("embed"):
                 embedded = embed_prepared(
@@ -157,13 +187,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _prepare_params(cfg: DictConfig) -> PrepareParams:
-    try:
-        return PrepareParams(**to_container(cfg.prepare))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"prepare: {err}") from err
-
-
 def _fit(
     cfg: DictConfig,
     splits,
@@ -177,6 +200,7 @@ def _fit(
         "backbone": to_container(cfg.backbone),
         "features": to_container(cfg.features),
         "prepare": to_container(cfg.prepare),
+        "dataset": to_container(cfg.dataset),  # infer.py scores on it unless told otherwise
         "cache_keys": summary["cache_keys"],
     }
     module = EmbeddingClassifier(
@@ -217,20 +241,21 @@ def build_trainer(
     monitor: str,
     mode: str,
 ) -> pl.Trainer:
-    """The configured Trainer with best/last checkpoints (`best.ckpt`, `last.ckpt`) and early
-    stopping on `monitor`, logging to the run's CSV/W&B loggers."""
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    """The configured Trainer with `best.ckpt` (best `monitor`, ties broken by
+    `fit.tie_breaker`), `last.ckpt` (the last epoch) and early stopping on `monitor`, logging to
+    the run's CSV/W&B loggers."""
+    from pytorch_lightning.callbacks import EarlyStopping
 
     set_aside_previous(checkpoint_dir)  # this run owns best.ckpt / last.ckpt (never best-v1)
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
+        BestCheckpoint(  # first: it is `trainer.checkpoint_callback`
             dirpath=checkpoint_dir,
             filename="best",
             monitor=monitor,
             mode=mode,
-            save_last=True,
-            save_top_k=1,
-        )
+            tie_breaker=cfg.fit.get("tie_breaker"),
+        ),
+        last_epoch_checkpoint(str(checkpoint_dir)),
     ]
     callbacks += list(EXTRA_CALLBACKS.get())
     if cfg.fit.early_stopping_patience:
@@ -263,7 +288,7 @@ def _predict_and_score(
             predictor,
             cfg.predict.batch_size,
             cfg.predict.quadrats_per_batch,
-            cfg.predict.center_crop,
+            cfg.predict.get("tile_fit", "center_crop"),
         )
     submission = write_submission(result.predictions, run_dir / "submission.csv")
     summary["submission"] = str(submission)
@@ -272,9 +297,10 @@ def _predict_and_score(
     truth_path = cfg.dataset.get("test_ground_truth")
     if truth_path and Path(truth_path).is_file():
         with timer.stage("score"):
+            from vitlab.data.plantclef import read_ground_truth
             from vitlab.metrics.plantclef import plantclef_scores
 
-            truth = read_submission(truth_path)
+            truth = read_ground_truth(truth_path)
             scores = plantclef_scores(truth, result.predictions)
             summary["scores"] = scores
             write_json(run_dir / "scores.json", scores)
@@ -292,22 +318,34 @@ def _predict_and_score(
 
 
 def infer(cfg: DictConfig) -> dict[str, Any]:
-    """Predict (and score) with a trained checkpoint, or with the backbone's own classifier."""
+    """Predict (and score) with a trained checkpoint, or with the backbone's own classifier.
+    The dataset is the checkpoint's run's unless the command line sets `dataset`."""
     set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
     require_choice(cfg, "predictor", PREDICTORS)
     require_positive(cfg, "predict.batch_size", "predict.quadrats_per_batch")
+    require_choice(cfg, "predict.tile_fit", TILE_FITS)
     strategy = instantiate_node(cfg.inference, "inference")
-    ensure_dataset(cfg.dataset)  # before loading models: a wrong dataset.root fails fast
-    test_images = list_test_images(cfg.dataset.test_images_dir)
+    module, dataset = None, cfg.dataset
+    if cfg.predictor != "head" or dataset_set_on_command_line():
+        ensure_dataset(dataset)  # a wrong dataset.root fails before any model is loaded
     if cfg.predictor == "head":
         if not cfg.get("ckpt_path"):
             raise ConfigError(
                 "ckpt_path is required with predictor=head (a checkpoint written "
                 "by train.py, e.g. outputs/.../checkpoints/best.ckpt)"
             )
-        predictor: Predictor = load_head_predictor(Path(cfg.ckpt_path))
+        module = load_head_module(Path(cfg.ckpt_path))
+        dataset = dataset_of_checkpoint_run(cfg, module)
+        ensure_dataset(dataset)  # before building the backbone
+    test_images = check_plantclef_dataset(dataset, training=False).test_images
+    if module is not None:
+        predictor: Predictor = head_predictor(module)
     else:
         predictor = BackboneClassifierPredictor(instantiate_node(cfg.backbone, "backbone"))
+    check_label_overlap(predictor.species_ids, dataset.get("test_ground_truth"), cfg)
+    if dataset is not cfg.dataset:
+        with open_dict(cfg):
+            cfg.dataset = dataset  # what _predict_and_score scores against and the run records
     run_dir = run_dir_of(cfg)
     timer = StageTimer()
     summary: dict[str, Any] = {
@@ -323,14 +361,90 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
 
 def load_head_predictor(checkpoint: Path) -> EmbeddingHeadPredictor:
     """Rebuild backbone, features and head exactly as they were at training time."""
+    return head_predictor(load_head_module(checkpoint))
+
+
+def load_head_module(checkpoint: Path) -> EmbeddingClassifier:
+    """The trained head (with its label map and training context), checked against the
+    `label_map.json` beside it."""
     if not checkpoint.is_file():
         raise ConfigError(f"ckpt_path={checkpoint} does not exist")
     module = load_lightning_module(EmbeddingClassifier, checkpoint)
     module.eval()
-    context = module.hparams.context or {}
     label_map = read_label_map(checkpoint)
     if label_map is not None and label_map != module.species_ids:
         raise ConfigError(f"{checkpoint}: label_map.json beside it disagrees with the checkpoint")
+    return module
+
+
+def head_predictor(module: EmbeddingClassifier) -> EmbeddingHeadPredictor:
+    context = module.hparams.context or {}
     backbone = instantiate_node(OmegaConf.create(context["backbone"]), "checkpoint backbone")
     features = instantiate_node(OmegaConf.create(context["features"]), "checkpoint features")
     return EmbeddingHeadPredictor(backbone, features, module.head, module.species_ids)
+
+
+def dataset_of_checkpoint_run(cfg: DictConfig, module: EmbeddingClassifier) -> DictConfig:
+    """The dataset the checkpoint was trained on (recorded in it, or in its run's
+    `.hydra/config.yaml`), unless the command line sets `dataset` or `dataset.*`: `infer.py
+    ckpt_path=...` alone must not fall back to the synthetic default."""
+    if dataset_set_on_command_line():
+        return cfg.dataset
+    stored = (module.hparams.context or {}).get("dataset")
+    if stored is None:  # checkpoints from before the dataset was recorded
+        run_config = Path(cfg.ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+        if run_config.is_file():
+            stored = to_container(OmegaConf.load(run_config).get("dataset"))
+    if not stored:
+        log.warning(
+            "ckpt_path=%s records no dataset: using dataset=%s (set dataset=... to choose)",
+            cfg.ckpt_path,
+            cfg.dataset.get("root"),
+        )
+        return cfg.dataset
+    dataset = OmegaConf.create(stored)
+    log.info("dataset of the checkpoint's run: root=%s (dataset=... overrides it)", dataset.root)
+    return dataset
+
+
+def dataset_set_on_command_line() -> bool:
+    return any(key == "dataset" or key.startswith("dataset.") for key in command_line_keys())
+
+
+def command_line_keys() -> list[str]:
+    """Config keys set on the command line (`key=value`, `+key=...`, `~key`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    overrides = HydraConfig.get().overrides.task
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+
+
+MIN_LABEL_OVERLAP = 0.5  # below: a loud warning that the model may not fit the test plots
+
+
+def check_label_overlap(species_ids: list[int] | None, truth_path: Any, cfg: DictConfig) -> None:
+    """A label map that shares no species with the ground truth would score 0 everywhere: an
+    error before any work; little overlap is a warning."""
+    if not species_ids or not truth_path or not Path(truth_path).is_file():
+        return
+    truth = {s for ids in read_submission(truth_path).values() for s in ids}
+    if not truth:
+        return
+    shared = len(truth & set(species_ids)) / len(truth)
+    source = f"ckpt_path={cfg.get('ckpt_path')}" if cfg.predictor == "head" else "backbone"
+    if shared == 0:
+        raise ConfigError(
+            f"{source}: its {len(species_ids)} species share none of the {len(truth)} species "
+            f"of the ground truth {truth_path}: it was trained on another dataset (set "
+            "dataset=... dataset.root=... to the one it was trained for)"
+        )
+    if shared < MIN_LABEL_OVERLAP:
+        log.warning(
+            "%s knows only %.0f%% of the %d species in %s: scores will be low",
+            source,
+            100 * shared,
+            len(truth),
+            truth_path,
+        )

@@ -17,13 +17,15 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from vitlab.cache import directory_fingerprint, file_sha256
 from vitlab.config import (
+    ConfigError,
     instantiate_node,
     require_choice,
+    require_positive,
     set_extra_target_prefixes,
     to_container,
 )
@@ -34,10 +36,20 @@ from vitlab.data.fungiclef import (
     split_df21,
 )
 from vitlab.data.metadata import MetadataEncoder
+from vitlab.data.missing_images import (
+    FRACTION_KEY,
+    REPORT_LIST_LIMIT,
+    check_max_missing_fraction,
+    check_missing_images,
+    require_image_folder,
+)
+from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.shards import arrow_to_embeddings
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
+from vitlab.devices import require_accelerator
 from vitlab.inference.fungiclef import (
     AVERAGES,
+    TUNE_TRACKS,
     ensemble_probabilities,
     predict_with_open_set,
     softmax,
@@ -45,7 +57,7 @@ from vitlab.inference.fungiclef import (
 )
 from vitlab.metrics.fungiclef import (
     fungiclef_scores,
-    read_fungiclef_csv,
+    read_fungiclef_truth,
     read_poison_list,
     write_fungiclef_submission,
 )
@@ -128,53 +140,141 @@ def validation_matching_weights(
     return ratio[train_labels]
 
 
+def validate_fungiclef(cfg: DictConfig) -> None:
+    """Checks that need no work, naming the key and the allowed values."""
+    require_choice(cfg, "sampler", SAMPLERS)
+    require_choice(cfg, "ensemble.average", AVERAGES)
+    require_choice(cfg, "ensemble.tune_track", TUNE_TRACKS)
+    require_choice(cfg, "fit.mode", ("min", "max"))
+    require_positive(cfg, "head.lr", "head.batch_size", "embed.batch_size")
+    threshold = OmegaConf.select(cfg, "ensemble.open_set_threshold")
+    if threshold not in (None, "tune") and (
+        isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold < 0
+    ):
+        raise ConfigError(
+            f"ensemble.open_set_threshold={threshold!r} must be null, tune or an entropy >= 0 "
+            "(nats)"
+        )
+    n_folds = OmegaConf.select(cfg, "dataset.n_folds")
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+        raise ConfigError(
+            f"dataset.n_folds={n_folds!r} must be an integer >= 2 (the held-out third + folds)"
+        )
+    target = str(OmegaConf.select(cfg, "loss._target_") or "")
+    if target.rsplit(".", 1)[-1] == "NLLLoss":  # same rule as PlantCLEF's, whose head can
+        raise ConfigError(  # end in log_softmax; the FungiCLEF heads cannot
+            "loss=nll expects log-probabilities, but the FungiCLEF heads (head=fungi_mlp|"
+            "fungi_transformer) output logits: use loss=ce (the same loss on logits), "
+            "weighted_ce, focal, seesaw or seesaw_poison"
+        )
+    check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
+    require_accelerator(cfg.get("trainer"))
+
+
 def ensure_fungi_dataset(dataset: DictConfig) -> None:
     ensure_generated(dataset, generate_fungiclef, FungiSyntheticSpec, "FungiCLEF")
 
 
-def _image_work(frames: dict[str, tuple[pd.DataFrame, Path]]) -> tuple[pd.DataFrame, list[str]]:
-    """Work rows (image_name, path) for prepare; names are `<part>/<image_path>`."""
-    parts, missing = [], []
-    for part, (frame, folder) in frames.items():
-        names = part + "/" + frame["image_path"].astype(str)
-        paths = [folder / p for p in frame["image_path"].astype(str)]
+@dataclass
+class Part:
+    """One split of the dataset as listed: its metadata, image folder and their config keys."""
+
+    frame: pd.DataFrame
+    folder: Path
+    folder_key: str
+    csv: str
+
+
+def _image_work(
+    parts: dict[str, Part], max_fraction: float
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """Work rows (image_name, path) for prepare, names `<part>/<image_path>`, and each split's
+    missing-image report. A missing folder, a split with no image on disk or more than
+    `max_fraction` of them missing is an error naming the folder and its key (before any
+    work); fewer are skipped and counted."""
+    rows, report = [], {}
+    for name, part in parts.items():
+        require_image_folder(part.folder, part.folder_key)
+        listed = part.frame["image_path"].astype(str).drop_duplicates()
+        names = name + "/" + listed
+        paths = [part.folder / p for p in listed]
         exists = np.array([p.is_file() for p in paths], dtype=bool)
-        missing += names[~exists].tolist()
-        parts.append(
+        report[name] = check_missing_images(
+            name,
+            len(listed),
+            listed[~exists].tolist(),
+            part.folder,
+            part.folder_key,
+            max_fraction,
+            source=part.csv,
+        ).report()
+        rows.append(
             pd.DataFrame(
                 {"image_name": names[exists], "path": [str(p) for p, e in zip(paths, exists) if e]}
             )
         )
-    return pd.concat(parts, ignore_index=True).drop_duplicates("image_name"), missing
+    return pd.concat(rows, ignore_index=True), report
+
+
+def _test_truth(ds: DictConfig, test: pd.DataFrame | None) -> dict[int, int] | None:
+    """The public test's truth when `dataset.test_ground_truth` exists (read before any work,
+    so a bad file fails first); it must cover exactly the test CSV's observations."""
+    path = Path(ds.test_ground_truth)
+    if test is None or not path.is_file():
+        return None
+    truth = read_fungiclef_truth(path)
+    observations = {int(i) for i in test["observationID"].unique()}
+    if set(truth) != observations:
+        missing = sorted(observations - set(truth))
+        extra = sorted(set(truth) - observations)
+        raise DatasetFormatError(
+            f"{path} (dataset.test_ground_truth) and {ds.test_csv} (dataset.test_csv) disagree: "
+            f"{len(missing)} test observation(s) without truth (e.g. {missing[:5]}), "
+            f"{len(extra)} truth observation(s) not in the test (e.g. {extra[:5]})"
+        )
+    return truth
 
 
 def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
     set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
-    require_choice(cfg, "sampler", SAMPLERS)
-    require_choice(cfg, "ensemble.average", AVERAGES)
-    require_choice(cfg, "fit.mode", ("min", "max"))
+    validate_fungiclef(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     backbone = instantiate_node(cfg.backbone, "backbone")
     features = instantiate_node(cfg.features, "features")
     engine = instantiate_node(cfg.engine, "engine")
-    prepare_params = PrepareParams(**to_container(cfg.prepare))
+    prepare_params = PrepareParams.from_config(cfg.prepare)
     ds = cfg.dataset
     ensure_fungi_dataset(ds)
     df20, df21 = read_metadata(ds.train_csv), read_metadata(ds.val_csv)
     test = read_metadata(ds.test_csv, labelled=False) if Path(ds.test_csv).is_file() else None
     poisonous = read_poison_list(ds.poison_csv)
+    test_truth = _test_truth(ds, test)
+    parts = {
+        "DF20": Part(df20, Path(ds.train_images_dir), "dataset.train_images_dir", ds.train_csv),
+        "DF21": Part(df21, Path(ds.val_images_dir), "dataset.val_images_dir", ds.val_csv),
+    }
+    if test is not None:
+        parts["test"] = Part(test, Path(ds.test_images_dir), "dataset.test_images_dir", ds.test_csv)
+    else:
+        log.warning(
+            "no public-test CSV at %s (dataset.test_csv): this run writes no submission; it "
+            "scores the held-out DF21 third only",
+            ds.test_csv,
+        )
+    max_fraction = check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
+    work, missing_report = _image_work(parts, max_fraction)  # fails before any work
     test_observations = (
         [] if test is None else sorted(int(i) for i in test["observationID"].unique())
     )
     run_dir = run_dir_of(cfg)
     timer = StageTimer()
     summary: dict[str, Any] = {"task": "train", "pipeline": "fungiclef", "run_dir": str(run_dir)}
+    summary["missing_images"] = missing_report
+    if test is None:
+        summary["submission"] = None
+        summary["submission_note"] = f"no public-test CSV at {ds.test_csv} (dataset.test_csv)"
     tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
     with recorded_run(run_dir, summary, timer, tracker):
-        parts = {"DF20": (df20, Path(ds.train_images_dir)), "DF21": (df21, Path(ds.val_images_dir))}
-        if test is not None:
-            parts["test"] = (test, Path(ds.test_images_dir))
-        work, missing = _image_work(parts)
         key_parts = [
             file_sha256(ds.train_csv),
             file_sha256(ds.val_csv),
@@ -183,6 +283,11 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
         ]
         if test is not None:
             key_parts += [file_sha256(ds.test_csv), directory_fingerprint(ds.test_images_dir)]
+        missing_names = [
+            f"{name}/{image}"
+            for name, report in missing_report.items()
+            for image in report["missing_examples"]
+        ]
         with timer.stage("prepare"):
             prepared = prepare_images(
                 work,
@@ -190,7 +295,10 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
                 cfg.paths.cache_dir,
                 prepare_params,
                 engine,
-                {"missing_images": len(missing), "missing_examples": missing[:100]},
+                {
+                    "missing_images": sum(r["missing"] for r in missing_report.values()),
+                    "missing_examples": missing_names[:REPORT_LIST_LIMIT],
+                },
             )
         with timer.stage("embed"):
             embedded = embed_prepared(
@@ -207,17 +315,19 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
         )
         encoder = MetadataEncoder().fit(df20)
         data, meta_missing = {}, {}
-        for part, (frame, _) in parts.items():
-            names = part + "/" + frame["image_path"].astype(str)
+        for name, part in parts.items():
+            frame = part.frame
+            names = name + "/" + frame["image_path"].astype(str)
             keep = names.isin(vectors.keys()).to_numpy()  # skipped images drop out, counted
+            if not keep.any():  # every image of the split was missing or corrupt
+                raise DatasetFormatError(
+                    f"{name}: no image listed in {part.csv} could be read from {part.folder} "
+                    f"({part.folder_key}); see summary.json/prepare_report"
+                )
             frame = frame[keep].reset_index(drop=True)
-            meta, meta_missing[part] = encoder.transform(frame)
-            emb = (
-                np.stack([vectors[n] for n in names[keep]])
-                if keep.any()
-                else np.zeros((0, len(next(iter(vectors.values())))), np.float32)
-            )
-            data[part] = Rows(frame, emb, meta)
+            meta, meta_missing[name] = encoder.transform(frame)
+            emb = np.stack([vectors[n] for n in names[keep]])
+            data[name] = Rows(frame, emb, meta)
         summary["metadata_missing"] = meta_missing
         df21_rows = data["DF21"]
         df21_rows.frame["split"] = split_df21(
@@ -227,7 +337,16 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
             folds = _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summary)
         with timer.stage("predict"):
             _ensemble_and_score(
-                cfg, folds, data, df21_rows, poisonous, test_observations, run_dir, tracker, summary
+                cfg,
+                folds,
+                data,
+                df21_rows,
+                poisonous,
+                test_observations,
+                test_truth,
+                run_dir,
+                tracker,
+                summary,
             )
     return summary
 
@@ -242,6 +361,8 @@ class FoldModel:
 
 def _label_space(df20: pd.DataFrame, df21: pd.DataFrame) -> list[int]:
     known = sorted(int(c) for c in df20["class_id"].unique() if c != UNKNOWN)
+    if not known:  # nothing to learn: every prediction would be "unknown"
+        raise DatasetFormatError("DF20 (dataset.train_csv) has no image of a known species")
     return known + ([UNKNOWN] if (df21["class_id"] == UNKNOWN).any() else [])
 
 
@@ -315,12 +436,10 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summa
             sampler = WeightedRandomSampler(weights, len(weights))
         loader = batch_loader(train_set, cfg.head.batch_size, shuffle=True, sampler=sampler)
         val_loader = batch_loader(RowsDataset(val_rows, val_t), 4096)
-        trainer = build_trainer(
-            cfg, tracker, run_dir, run_dir / "checkpoints" / name, cfg.fit.monitor, cfg.fit.mode
-        )
+        fold_dir = run_dir / "checkpoints" / name
+        trainer = build_trainer(cfg, tracker, run_dir, fold_dir, cfg.fit.monitor, cfg.fit.mode)
         trainer.fit(module, loader, val_loader)
-        ckpt = trainer.checkpoint_callback
-        best = Path(ckpt.best_model_path or ckpt.last_model_path)
+        best = Path(trainer.checkpoint_callback.best_model_path or fold_dir / "last.ckpt")
         folds.append(FoldModel(name, load_lightning_module(FungiClassifier, best), best, val_rows))
         summary.setdefault("folds", {})[name] = {
             "checkpoint": str(best),
@@ -357,7 +476,7 @@ def _truth(rows: Rows) -> dict[int, int]:
 
 
 def _ensemble_and_score(
-    cfg, folds, data, df21_rows, poisonous, test_observations, run_dir, tracker, summary
+    cfg, folds, data, df21_rows, poisonous, test_observations, test_truth, run_dir, tracker, summary
 ):
     species_ids = summary["species_ids"]
     average = cfg.ensemble.average
@@ -373,10 +492,20 @@ def _ensemble_and_score(
             oof_ids += ids.tolist()
             oof_probs.append(probs)
             oof_truth += [truth[i] for i in ids]
-        threshold, error = tune_entropy_threshold(
-            np.concatenate(oof_probs), species_ids, np.asarray(oof_truth)
+        track = int(cfg.ensemble.tune_track)
+        threshold, score = tune_entropy_threshold(
+            np.concatenate(oof_probs),
+            species_ids,
+            np.asarray(oof_truth),
+            track=track,
+            poisonous=poisonous,
         )
-        summary["open_set"] = {"tuned_threshold": threshold, "oof_track1": error}
+        summary["open_set"] = {
+            "tuned_threshold": threshold,
+            "tune_track": track,
+            f"oof_track{track}": score,
+        }
+        log.info("open set: entropy threshold %s minimises out-of-fold Track %d", threshold, track)
     held_out = df21_rows.take(df21_rows.frame["split"].to_numpy() == "test")
     truth = _truth(held_out)
     results = {}
@@ -401,7 +530,7 @@ def _ensemble_and_score(
         [[n, *r.values()] for n, r in results.items()],
     )
     log.info("held-out DF21 third: %s", results["ensemble"])
-    if "test" in data and len(data["test"].frame):
+    if "test" in data:
         rows = data["test"]
         logits = [f.module.predict_logits(rows.embedding, rows.metadata) for f in folds]
         obs_ids, _, pred = _observation_predictions(logits, rows, species_ids, average, threshold)
@@ -415,13 +544,23 @@ def _ensemble_and_score(
         }
         submission = write_fungiclef_submission(predictions, run_dir / "submission.csv")
         summary["submission"] = str(submission)
-        truth_path = Path(cfg.dataset.test_ground_truth)
-        if truth_path.is_file():
-            scores = fungiclef_scores(read_fungiclef_csv(truth_path), predictions, poisonous)
+        if test_truth is not None:
+            scores = fungiclef_scores(test_truth, predictions, poisonous)
             summary["scores"] = scores
             write_json(run_dir / "scores.json", scores)
             tracker.log_metrics({f"test/{k}": v for k, v in scores.items() if v is not None})
             log.info("official test: %s", scores)
+        else:
+            log.info(
+                "no test ground truth at %s (dataset.test_ground_truth): submission written, "
+                "not scored",
+                cfg.dataset.test_ground_truth,
+            )
+    else:
+        log.warning(
+            "no public-test CSV at %s (dataset.test_csv): no submission written",
+            cfg.dataset.test_csv,
+        )
 
 
 def _log_views(cfg, held_out: Rows, truth, obs_ids, pred, poisonous, run_dir, tracker, summary):

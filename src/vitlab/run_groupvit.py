@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -32,7 +32,9 @@ from vitlab.data.coco_captions import (
     train_transform,
     validate_images,
 )
+from vitlab.data.missing_images import FRACTION_KEY, check_max_missing_fraction
 from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec, generate_coco_captions
+from vitlab.devices import require_accelerator
 from vitlab.models.groupvit.checkpoints import (
     CHECKPOINT_KINDS,
     CheckpointError,
@@ -103,6 +105,8 @@ def validate_groupvit(cfg: DictConfig) -> None:
         LossWeights.from_config(to_container(cfg.groupvit.losses))
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
+    require_accelerator(cfg.get("trainer"))
 
 
 def ensure_coco_dataset(dataset: DictConfig) -> None:
@@ -122,13 +126,20 @@ def caption_datasets(
         (cfg.dataset.val_split, eval_transform(gv.image_size)),
     ):
         annotation_json, image_dir = coco_paths(cfg.dataset.root, split)
-        records, read_report = read_coco_captions_with_report(annotation_json, image_dir)
+        records, read_report = read_coco_captions_with_report(
+            annotation_json,
+            image_dir,
+            max_missing_fraction=check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY)),
+            folder_key=f"dataset.root (split {split})",
+        )
         records, corrupt = validate_images(records, workers=cfg.groupvit.num_workers or 2)
         report[split] = {
             "images": len(records),
             "captions": read_report.n_captions,
             "skipped_without_captions": read_report.skipped_no_captions,
             "blank_captions": read_report.empty_captions,
+            "missing_images": read_report.missing_images,
+            "missing_examples": list(read_report.missing_examples),
             "skipped_corrupt_images": len(corrupt),
             "corrupt_images": [str(p) for p in corrupt[:20]],
         }

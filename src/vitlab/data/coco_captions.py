@@ -28,6 +28,11 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from vitlab.data.images import CorruptImageError, decode_image
+from vitlab.data.missing_images import (
+    DEFAULT_MAX_MISSING_FRACTION,
+    check_missing_images,
+    require_image_folder,
+)
 from vitlab.data.plantclef import DatasetFormatError
 from vitlab.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
@@ -58,6 +63,8 @@ class CaptionsReport:
     n_captions: int  # captions of the kept images
     skipped_no_captions: int  # images listed without any (non-empty) caption
     empty_captions: int  # annotations whose caption is blank after stripping
+    missing_images: int = 0  # captioned images whose file is not in the folder (skipped)
+    missing_examples: tuple[str, ...] = ()  # their file names (at most 100)
 
 
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -68,10 +75,16 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return root / "annotations" / f"captions_{split}2017.json", root / f"{split}2017"
 
 
-def read_coco_captions(annotation_json: str | Path, image_dir: str | Path) -> list[CaptionedImage]:
+def read_coco_captions(
+    annotation_json: str | Path,
+    image_dir: str | Path,
+    max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
+) -> list[CaptionedImage]:
     """Images with their captions, in the JSON's image order; images without captions are
     skipped (the count is logged; `read_coco_captions_with_report` returns it)."""
-    records, report = read_coco_captions_with_report(annotation_json, image_dir)
+    records, report = read_coco_captions_with_report(
+        annotation_json, image_dir, max_missing_fraction
+    )
     if report.skipped_no_captions or report.empty_captions:
         log.warning(
             "%s: skipped %d image(s) without captions, %d blank caption(s)",
@@ -83,14 +96,20 @@ def read_coco_captions(annotation_json: str | Path, image_dir: str | Path) -> li
 
 
 def read_coco_captions_with_report(
-    annotation_json: str | Path, image_dir: str | Path
+    annotation_json: str | Path,
+    image_dir: str | Path,
+    max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
+    folder_key: str = "dataset.root",
 ) -> tuple[list[CaptionedImage], CaptionsReport]:
     """Parse and check an official captions JSON against its image folder.
 
     Raises DatasetFormatError naming the file (and key / image id / file name) when: the file is
     missing or not JSON, `images` / `annotations` or an entry's key is missing, an image id is
-    duplicated, an annotation refers to an unknown image id, no images are listed, or a listed
-    image file is not in the folder.
+    duplicated, an annotation refers to an unknown image id, or no images are listed. Captioned
+    images whose file is not in the folder follow the rule of `vitlab.data.missing_images`: up
+    to `max_missing_fraction` (`dataset.max_missing_fraction`) of them are skipped and counted
+    in the report; more, none on disk, or a missing folder is an error naming the folder and
+    `folder_key` (the config key it comes from).
     """
     path = Path(annotation_json)
     image_dir = Path(image_dir)
@@ -142,8 +161,7 @@ def read_coco_captions_with_report(
         else:
             empty += 1
 
-    if not image_dir.is_dir():
-        raise DatasetFormatError(f"COCO image folder not found: {image_dir} (for {path})")
+    require_image_folder(image_dir, f"{folder_key}, for {path.name}")
     present = set(os.listdir(image_dir))
     records: list[CaptionedImage] = []
     missing: list[str] = []
@@ -165,19 +183,25 @@ def read_coco_captions_with_report(
                 width=int(entry["width"]),
             )
         )
-    if missing:
-        raise DatasetFormatError(
-            f"{len(missing)} image file(s) listed in {path} missing from {image_dir} "
-            f"(first: {missing[0]})"
-        )
-    if not records:
+    if not records and not missing:
         raise DatasetFormatError(f"{path}: no image has a caption")
+    checked = check_missing_images(
+        path.stem,
+        len(records) + len(missing),
+        missing,
+        image_dir,
+        folder_key,
+        max_missing_fraction,
+        source=path,
+    )
     report = CaptionsReport(
         annotation_json=path,
         n_images=len(records),
         n_captions=sum(len(r.captions) for r in records),
         skipped_no_captions=skipped,
         empty_captions=empty,
+        missing_images=checked.missing,
+        missing_examples=checked.examples,
     )
     return records, report
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 
@@ -18,9 +19,11 @@ Box = tuple[int, int, int, int]
 
 
 def _check_positive(**values: int) -> None:
+    """Each value is a whole number >= 1 (`grid_size=1.5` is refused, not truncated)."""
     for key, value in values.items():
-        if int(value) < 1:
-            raise ValueError(f"inference.{key} must be >= 1, got {value}")
+        whole = isinstance(value, Integral) and not isinstance(value, bool)
+        if not whole or value < 1:
+            raise ValueError(f"inference.{key} must be a whole number >= 1, got {value!r}")
 
 
 def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:

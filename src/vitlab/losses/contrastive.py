@@ -11,6 +11,13 @@ every rank computes the same global loss. The gather keeps gradients: its backwa
 gradients of all ranks' (identical) losses into each rank's local rows, i.e. world × dL/dx, and
 DDP's gradient averaging divides by world again, so parameters receive exactly dL/dθ of the
 global loss.
+
+Scope (`CONTRAST_SCOPES`): "global" is the above. "local" skips the gather: each rank computes
+the loss on its own mini-batch only (positives AND negatives from that mini-batch), and DDP's
+gradient averaging yields the gradient of the mean of the per-rank losses. The thesis computes
+its non-noisy multi-label loss this way (its code contrasts each GPU's mini-batch, no
+all-gather, while the image-caption loss is gathered); the losses below are scope-agnostic,
+the caller decides whether to gather.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 T = TypeVar("T")
+
+# where a contrastive loss finds its pairs: the global multi-GPU batch or each rank's mini-batch
+CONTRAST_SCOPES: tuple[str, ...] = ("global", "local")
 
 
 # --- distributed gathering -----------------------------------------------------------------------

@@ -15,8 +15,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vitlab.data.plantclef import DatasetFormatError, read_submission
-from vitlab.metrics.fungiclef import fungiclef_scores, read_fungiclef_csv, read_poison_list
+from vitlab.data.plantclef import DatasetFormatError, read_ground_truth, read_submission
+from vitlab.metrics.fungiclef import (
+    fungiclef_scores,
+    read_fungiclef_csv,
+    read_fungiclef_truth,
+    read_poison_list,
+)
 from vitlab.metrics.plantclef import plantclef_scores
 from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
 from vitlab.progress import progress
@@ -28,9 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     plant = sub.add_parser("plantclef", help="PlantCLEF 2024 F1 scores (fractions in [0,1])")
     plant.add_argument("--truth", required=True)
     plant.add_argument("--submission", required=True)
-    fungi = sub.add_parser("fungiclef", help="FungiCLEF 2024 tracks 1-4, macro F1, accuracy")
-    fungi.add_argument("--truth", required=True, help="CSV observationID,class_id")
-    fungi.add_argument("--submission", required=True, help="CSV observationID,class_id")
+    fungi = sub.add_parser(
+        "fungiclef",
+        help="FungiCLEF 2024 tracks 1-4, macro F1, accuracy (F1 and accuracy as fractions)",
+    )
+    fungi.add_argument(
+        "--truth",
+        required=True,
+        help="CSV observationID,class_id; one row per observation or per image (the first row "
+        "of each observation counts, as in the organisers' evaluate.py)",
+    )
+    fungi.add_argument(
+        "--submission", required=True, help="CSV observationID,class_id, each observation once"
+    )
     fungi.add_argument("--poison", required=True, help="CSV class_id,poisonous (0/1)")
     seg = sub.add_parser(
         "miou",
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "miou":
         return _miou(args)
     try:
-        truth = read_submission(args.truth)
+        truth = read_ground_truth(args.truth)
         submission = read_submission(args.submission)
         scores = plantclef_scores(truth, submission)
     except DatasetFormatError as err:
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fungiclef(args: argparse.Namespace) -> int:
     try:
-        truth = read_fungiclef_csv(args.truth)
+        truth = read_fungiclef_truth(args.truth)
         submission = read_fungiclef_csv(args.submission)
         poisonous = read_poison_list(args.poison)
     except DatasetFormatError as err:  # the message already names file and line

@@ -17,8 +17,15 @@ set, so a species they do not know is edible to them).
   0.1·#known predicted as unknown) / N.
 - Macro F1: mean per-label F1 over truth ∪ prediction labels (sklearn's `average='macro'` with
   its default labels), ×100.
-The pure functions return unrounded values; `fungiclef_scores` rounds like the organisers:
-tracks to 4 decimals, macro F1 (×100) to 2, both with `np.round`.
+The pure functions return unrounded values (`macro_f1` in percent, as the organisers compute
+it); `fungiclef_scores` rounds like the organisers (tracks to 4 decimals, macro F1 in percent to
+2, both with `np.round`) and reports macro F1 as a fraction in [0, 1] like accuracy and
+poisonous recall (the leaderboard's 57.70 is 0.577 here).
+
+Files: the ground truth may have one row per observation or one row per *image* as the
+organisers publish it (observationID repeated); like their `evaluate.py`, the first row of each
+observation counts, and rows of one observation that disagree on the class are an error. A
+submission must list each observation once.
 """
 
 from __future__ import annotations
@@ -84,10 +91,11 @@ def _read_int_columns(path: Path, columns: tuple[str, ...]) -> list[tuple[int, t
 
 
 def read_fungiclef_csv(path: str | Path) -> dict[int, int]:
-    """Read a truth or submission CSV (`observationID,class_id`) into observationID -> class_id.
+    """Read a submission CSV (`observationID,class_id`) into observationID -> class_id.
 
-    An observation listed twice is an error, even with the same class: scores are per
-    observation, and a duplicate usually means a per-image file was passed by mistake.
+    An observation listed twice is an error, even with the same class: a submission has one
+    row per observation, as the organisers require. (A ground truth, which comes one row per
+    image, is read with `read_fungiclef_truth`.)
     """
     path = Path(path)
     out: dict[int, int] = {}
@@ -95,6 +103,29 @@ def read_fungiclef_csv(path: str | Path) -> dict[int, int]:
         if obs in out:
             raise DatasetFormatError(f"{path}:{line_no}: observationID {obs} listed twice")
         out[obs] = class_id
+    return out
+
+
+def read_fungiclef_truth(path: str | Path) -> dict[int, int]:
+    """Read a ground-truth CSV (`observationID,class_id`, extra columns allowed) into
+    observationID -> class_id.
+
+    The organisers' truth has one row per image, so an observation is usually listed several
+    times; their `evaluate.py` keeps the first row of each observationID, and so does this.
+    Rows of one observation with different classes are an error naming both lines (a first-row
+    rule would pick a class by file order).
+    """
+    path = Path(path)
+    out: dict[int, int] = {}
+    first_line: dict[int, int] = {}
+    for line_no, (obs, class_id) in _read_int_columns(path, COLUMNS):
+        if obs not in out:
+            out[obs], first_line[obs] = class_id, line_no
+        elif out[obs] != class_id:
+            raise DatasetFormatError(
+                f"{path}:{line_no}: observationID {obs} listed twice with different classes: "
+                f"class_id {class_id} here, {out[obs]} on line {first_line[obs]}"
+            )
     return out
 
 
@@ -260,9 +291,10 @@ def fungiclef_scores(
 ) -> dict[str, float | None]:
     """All scores of a submission, rounded as on the leaderboard.
 
-    Tracks to 4 decimals, macro F1 in percent to 2; accuracy and poisonous recall are
-    fractions, unrounded (poisonous recall is None when the truth has no poisonous
-    observation, so the JSON stays strict).
+    Tracks to 4 decimals; macro F1 rounded in percent to 2 decimals as the organisers do, then
+    given as a fraction (26.67 % -> 0.2667) so that it shares the unit of accuracy and
+    poisonous recall, which are fractions, unrounded (poisonous recall is None when the truth
+    has no poisonous observation, so the JSON stays strict).
     """
     y_true, y_pred = _aligned(truth, submission)
     poison = _poison_array(poisonous)
@@ -273,7 +305,7 @@ def fungiclef_scores(
         "track2": float(np.round(t2, 4)),
         "track3": float(np.round(t1 + t2, 4)),
         "track4": float(np.round(track4(y_true, y_pred), 4)),
-        "macro_f1": float(np.round(macro_f1(y_true, y_pred), 2)),
+        "macro_f1": round(float(np.round(macro_f1(y_true, y_pred), 2)) / 100, 4),
         "accuracy": accuracy(y_true, y_pred),
         "poisonous_recall": None if math.isnan(recall) else recall,
     }

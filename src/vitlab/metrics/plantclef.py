@@ -4,7 +4,8 @@
   counts as an empty prediction and so scores 0 (the organisers' convention).
 - macro F1 per species: mean per-species F1 over every species in truth ∪ prediction.
 - micro F1: from global TP/FP/FN counts.
-A submission naming plots that are not in the truth is an error: it is the wrong file.
+A submission naming plots that are not in the truth is an error: it is the wrong file; so is an
+empty ground truth (every score would be 0).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ PlotLabels = Mapping[str, Iterable[int]]
 
 
 def _aligned(truth: PlotLabels, submission: PlotLabels) -> list[tuple[set[int], set[int]]]:
+    if not truth:
+        raise DatasetFormatError("the ground truth lists no plot: there is nothing to score")
     extra = sorted(set(submission) - set(truth))
     if extra:
         raise DatasetFormatError(

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from vitlab.config import ConfigError
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings, atomic_write_text
 from vitlab.data.streaming import ParquetStream
 from vitlab.metrics.classification import accuracy, macro_f1
@@ -105,9 +106,10 @@ def load_splits(
     species = labels.column("species_id").to_numpy()
     tags = np.asarray(labels.column("learn_tag").to_pylist())
     kept = species_filter(species[tags == "train"], min_images_per_species)
-    if not kept:
-        raise ValueError(
-            f"dataset.min_images_per_species={min_images_per_species} leaves no species to train on"
+    if not kept:  # the metadata check passed, but images were missing or corrupt
+        raise ConfigError(
+            f"dataset.min_images_per_species={min_images_per_species} leaves no species to train "
+            "on among the prepared images (see prepare_report: missing or corrupt images)"
         )
     known = np.isin(species, kept)
     counts = {tag: int(((tags == tag) & known).sum()) for tag in SPLITS}
@@ -166,7 +168,7 @@ def fit_head(
     trainer.fit(module, train_loader, val_loader)
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
-    last = Path(ckpt_cb.last_model_path) if ckpt_cb and ckpt_cb.last_model_path else None
+    last = checkpoint_dir / "last.ckpt" if (checkpoint_dir / "last.ckpt").is_file() else None
     if best is None:
         best = checkpoint_dir / "final.ckpt"
         trainer.save_checkpoint(best)

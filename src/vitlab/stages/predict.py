@@ -1,8 +1,9 @@
 """Predict: test quadrats at original resolution -> plot-level species lists -> submission.
 
-Each quadrat is cut into the strategy's boxes; every box is centre-cropped and resized to the
-backbone's input like the training images; the boxes of several quadrats go through the model
-in batched forwards, while the next quadrats are decoded in a background thread.
+Each quadrat is cut into the strategy's boxes; every box is fitted to the backbone's square input
+(`tile_fit`: centre-cropped like the training images, resized whole, or padded to a square);
+the boxes of several quadrats go through the model in batched forwards, while the next quadrats
+are decoded in a background thread.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
+from vitlab.config import ConfigError
 from vitlab.data.images import CorruptImageError, center_crop_resize, decode_image, to_uint8_array
 from vitlab.data.loading import chunks, prefetch
 from vitlab.data.plantclef import plot_id_of
@@ -24,6 +27,11 @@ from vitlab.progress import progress
 from vitlab.stages.embed import FeatureReducer, embed_pixels
 
 log = logging.getLogger(__name__)
+# How a (non-square) box becomes the backbone's square input (`predict.tile_fit`):
+# center_crop: the largest centred square (what the training images got; the teams' eval
+#   transforms crop too), resize: the whole box squeezed to a square, pad: the whole box resized
+#   to fit and padded to a square with the backbone's mean colour (zero after normalisation).
+TILE_FITS = ("center_crop", "resize", "pad")
 
 
 class Strategy(Protocol):
@@ -65,9 +73,12 @@ class BackboneClassifierPredictor:
     def __post_init__(self) -> None:
         if not self.species_ids:
             if self.backbone.class_ids is None:
-                raise ValueError(
-                    "predictor=backbone_classifier needs the backbone's "
-                    "class_mapping.txt (backbone.class_mapping)"
+                checkpoint = getattr(self.backbone, "checkpoint_path", None)
+                beside = f" (none beside {checkpoint})" if checkpoint else ""
+                raise ConfigError(
+                    "predictor=backbone_classifier needs the species id of each classifier "
+                    f"output: a class_mapping.txt{beside}; set backbone.class_mapping=<file> "
+                    "(line i = species id of class i)"
                 )
             self.species_ids = list(self.backbone.class_ids)
 
@@ -83,16 +94,50 @@ class QuadratTiles:
     error: str | None = None
 
 
-def cut_tiles(path: Path, strategy: Strategy, size: int, center_crop: bool) -> QuadratTiles:
+def fit_tile(
+    img: Image.Image, size: int, how: str = "center_crop", fill: tuple[int, int, int] = (0, 0, 0)
+) -> Image.Image:
+    """One box -> a size x size image, as `how` (one of TILE_FITS) says."""
+    if how == "center_crop":
+        return center_crop_resize(img, size, crop=True)
+    if how == "resize":
+        return center_crop_resize(img, size, crop=False)
+    if how == "pad":
+        width, height = img.size
+        scale = size / max(width, height)
+        inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+        canvas = Image.new("RGB", (size, size), fill)
+        resized = img.resize(inner, Image.Resampling.BICUBIC) if inner != img.size else img
+        canvas.paste(resized, ((size - inner[0]) // 2, (size - inner[1]) // 2))
+        return canvas
+    raise ConfigError(f"predict.tile_fit={how!r} is not one of {list(TILE_FITS)}")
+
+
+def mean_colour(backbone: Backbone) -> tuple[int, int, int]:
+    """The backbone's normalisation mean as an RGB colour (pads normalise to zero)."""
+    r, g, b = (round(255 * m) for m in backbone.input_spec.mean)
+    return r, g, b
+
+
+def cut_tiles(
+    path: Path,
+    strategy: Strategy,
+    size: int,
+    tile_fit: str = "center_crop",
+    fill: tuple[int, int, int] = (0, 0, 0),
+) -> QuadratTiles:
+    """The strategy's boxes of one quadrat, fitted to size x size. An unreadable quadrat, or
+    one too small for the strategy's boxes, comes back without tiles and with the reason."""
     plot_id = plot_id_of(path)
     try:
         img = decode_image(path)
     except CorruptImageError as err:
         return QuadratTiles(plot_id, None, str(err))
-    tiles = [
-        to_uint8_array(center_crop_resize(img.crop(box), size, crop=center_crop))
-        for box in strategy.boxes(*img.size)
-    ]
+    try:
+        boxes = strategy.boxes(*img.size)
+    except ValueError as err:  # e.g. fewer pixels than grid cells
+        return QuadratTiles(plot_id, None, f"{path}: {err}")
+    tiles = [to_uint8_array(fit_tile(img.crop(box), size, tile_fit, fill)) for box in boxes]
     return QuadratTiles(plot_id, np.stack(tiles))
 
 
@@ -100,12 +145,14 @@ def cut_tiles(path: Path, strategy: Strategy, size: int, center_crop: bool) -> Q
 class PredictionResult:
     predictions: dict[str, list[int]]
     tile_count: int
-    skipped: list[str]  # error messages of quadrats that could not be read
+    skipped: list[str]  # why each skipped quadrat (unreadable, too small) got no prediction
+    tile_fit: str = "center_crop"
 
     def report(self) -> dict[str, Any]:
         return {
             "plots": len(self.predictions),
             "tiles": self.tile_count,
+            "tile_fit": self.tile_fit,
             "skipped_images": len(self.skipped),
             "skipped_examples": self.skipped[:100],
         }
@@ -117,15 +164,19 @@ def predict_quadrats(
     predictor: Predictor,
     batch_size: int = 64,
     quadrats_per_batch: int = 4,
-    center_crop: bool = True,
+    tile_fit: str = "center_crop",
 ) -> PredictionResult:
-    """Plot id -> predicted species ids for every quadrat. A corrupt quadrat is reported and
-    gets an empty prediction (so it scores 0 rather than vanishing from the submission)."""
+    """Plot id -> predicted species ids for every quadrat. A corrupt quadrat, or one too small
+    for the strategy's grid, is reported (with its file) and gets an empty prediction (so it
+    scores 0 rather than vanishing from the submission)."""
+    if tile_fit not in TILE_FITS:
+        raise ConfigError(f"predict.tile_fit={tile_fit!r} is not one of {list(TILE_FITS)}")
     size = predictor.backbone.input_spec.size
+    fill = mean_colour(predictor.backbone)
 
     def groups() -> Iterator[list[QuadratTiles]]:
         for group in chunks(list(image_paths), quadrats_per_batch):
-            yield [cut_tiles(p, strategy, size, center_crop) for p in group]
+            yield [cut_tiles(p, strategy, size, tile_fit, fill) for p in group]
 
     predictions: dict[str, list[int]] = {}
     skipped: list[str] = []
@@ -158,4 +209,4 @@ def predict_quadrats(
             tile_count += len(tiles)
         bar.update(len(group))
     bar.close()
-    return PredictionResult(predictions, tile_count, skipped)
+    return PredictionResult(predictions, tile_count, skipped, tile_fit)

@@ -1,8 +1,11 @@
 """Prepare: training images (official layout) -> Parquet shards of centre-cropped, resized JPEGs.
 
 Output columns: image_name, species_id, learn_tag, image (JPEG bytes). Cached by a content key
-of the metadata CSV, the image files (path, size, mtime) and the parameters. Missing and corrupt
-images are skipped, counted and listed in the stage report; the run goes on.
+of the metadata CSV, the image files (path, size, mtime) and the parameters that change the
+output (not `workers`, a thread count). Corrupt images are skipped, counted and listed in the
+stage report; images missing on disk follow `vitlab.data.missing_images` (a few are skipped and
+counted, a missing folder, a missing split or more than `dataset.max_missing_fraction` fail
+before any work).
 """
 
 from __future__ import annotations
@@ -17,9 +20,15 @@ import pandas as pd
 import pyarrow as pa
 
 from vitlab.cache import content_key, file_sha256, files_fingerprint
+from vitlab.config import ConfigError, to_container
 from vitlab.data.images import CorruptImageError, center_crop_resize, decode_image, encode_jpeg
 from vitlab.data.loading import map_threads
-from vitlab.data.plantclef import index_images, read_training_metadata
+from vitlab.data.missing_images import (
+    DEFAULT_MAX_MISSING_FRACTION,
+    check_missing_images,
+    require_image_folder,
+)
+from vitlab.data.plantclef import DatasetFormatError, index_images, read_training_metadata
 from vitlab.data.shards import ShardedStage
 from vitlab.engines.local import LocalEngine
 
@@ -33,6 +42,8 @@ PREPARED_SCHEMA = pa.schema(
     ]
 )
 REPORT_LIST_LIMIT = 100  # names listed in reports; counts are always complete
+# PrepareParams fields that do not change the prepared shards, so stay out of the cache key
+NOT_IN_KEY = ("workers",)
 
 
 @dataclass(frozen=True)
@@ -41,13 +52,26 @@ class PrepareParams:
     center_crop: bool = True
     jpeg_quality: int = 95
     shard_size: int = 2048
-    workers: int = 2
+    workers: int = 2  # decode threads: speed only, not in the cache key
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
             raise ValueError(f"prepare.image_size must be >= 8, got {self.image_size}")
         if self.shard_size < 1:
             raise ValueError(f"prepare.shard_size must be >= 1, got {self.shard_size}")
+
+    @classmethod
+    def from_config(cls, node: Any) -> PrepareParams:
+        """From the `prepare` config node; ConfigError naming the key on a bad value."""
+        try:
+            return cls(**to_container(node))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"prepare: {err}") from err
+
+    def key_params(self) -> dict[str, Any]:
+        """What changes the prepared shards: every field but the thread count. `shard_size`
+        stays: it decides which rows each shard holds, and a resumed stage must keep it."""
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IN_KEY}
 
 
 def _prepare_one(path: Path, params: PrepareParams) -> bytes | str:
@@ -115,8 +139,8 @@ def prepare_images(
     full prepared images are large and not read at all when the embeddings are cached). A bad
     shard is recomputed from its rows."""
     engine = engine or LocalEngine()
-    key = content_key("prepare-v1", *key_parts, asdict(params))
-    stage = ShardedStage(Path(cache_dir) / "prepare" / key, key, asdict(params))
+    key = prepare_key(key_parts, params)
+    stage = ShardedStage(Path(cache_dir) / "prepare" / key, key, params.key_params())
     stage.rebuild = lambda: _compute_missing_shards(stage, work, params, engine, report)
     # a hit: sizes only (a stat per shard); a resume: checksums of the shards it keeps
     stage.verify(checksum=not stage.complete)
@@ -125,6 +149,11 @@ def prepare_images(
         return stage
     stage.rebuild()
     return stage
+
+
+def prepare_key(key_parts: list[Any], params: PrepareParams) -> str:
+    """The cache key: the inputs' fingerprints and the parameters that change the output."""
+    return content_key("prepare-v1", *key_parts, params.key_params())
 
 
 def _compute_missing_shards(
@@ -160,27 +189,41 @@ def prepare_training_images(
     cache_dir: str | Path,
     params: PrepareParams,
     engine: Any = None,
+    max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
+    images_key: str = "dataset.train_images_dir",
 ) -> ShardedStage:
-    """PlantCLEF: prepared shards of the training metadata's images (cached)."""
+    """PlantCLEF: prepared shards of the training metadata's images (cached).
+
+    Before any work: the image folder must exist (error naming `images_key`), and each
+    `learn_tag` split may miss at most `max_missing_fraction` of its images on disk (a split
+    with none there, or more missing, is an error); the missing ones are counted per split in
+    the stage report."""
     metadata = read_training_metadata(metadata_csv)
+    require_image_folder(images_dir, images_key)
     index = index_images(images_dir)
     in_folder = metadata["image_name"].isin(index.keys())
     missing = metadata.loc[~in_folder, "image_name"].tolist()
+    by_split = {}
+    for tag, rows in metadata.groupby("learn_tag", sort=True):
+        split_missing = rows.loc[~in_folder[rows.index], "image_name"].tolist()
+        by_split[str(tag)] = check_missing_images(
+            f"learn_tag={tag}",
+            len(rows),
+            split_missing,
+            images_dir,
+            images_key,
+            max_missing_fraction,
+            source=metadata_csv,
+        ).report()
     work = metadata.loc[in_folder, ["image_name", "species_id", "learn_tag"]].reset_index(drop=True)
     if work.empty:
-        raise ValueError(f"no image of {metadata_csv} was found below {images_dir}")
-    if missing:
-        log.warning(
-            "prepare: %d metadata row(s) have no image file below %s (e.g. %s)",
-            len(missing),
-            images_dir,
-            missing[:3],
-        )
+        raise DatasetFormatError(f"no image of {metadata_csv} was found below {images_dir}")
     work["path"] = [str(index[name]) for name in work["image_name"]]
     key_parts = [file_sha256(metadata_csv), files_fingerprint(index.values(), Path(images_dir))]
     report = {
         "metadata_rows": len(metadata),
         "missing_images": len(missing),
         "missing_examples": missing[:REPORT_LIST_LIMIT],
+        "missing_by_split": by_split,
     }
     return prepare_images(work, key_parts, cache_dir, params, engine, report)

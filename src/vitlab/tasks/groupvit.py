@@ -3,7 +3,9 @@
 The module wires the model (`vitlab.models.groupvit`), the losses (`vitlab.losses.contrastive`,
 `vitlab.losses.entropy`) and the optimisation recipe of the reference: AdamW without weight decay
 on biases/1-D/position/group tokens, linear warm-up then cosine (optionally in cycles), gradient
-clipping by the Trainer. Contrastive negatives are gathered across DDP ranks.
+clipping by the Trainer. Contrastive negatives are gathered across DDP ranks, except for the
+non-noisy multi-label loss with `non_noisy_scope="local"` (the thesis's choice): that one is
+computed on each rank's mini-batch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.losses.contrastive import (
+    CONTRAST_SCOPES,
     TextMemoryBank,
     clip_contrastive_loss,
     gather_for_contrast,
@@ -107,6 +110,9 @@ class LossWeights:
     contrastive: float = 1.0
     multi_label: float = 1.0
     non_noisy: bool = False
+    # where the non-noisy loss finds its pairs: "global" (the gathered multi-GPU batch) or
+    # "local" (each GPU's mini-batch, positives and negatives; the thesis's code)
+    non_noisy_scope: str = "global"
     memory_bank: int = 0
     group_entropy: float = 0.0
     label_entropy: float = 0.0
@@ -131,7 +137,22 @@ class LossWeights:
             raise ValueError("groupvit.losses: contrastive and multi_label are both 0")
         if weights.memory_bank and not weights.multi_label:
             raise ValueError("groupvit.losses.memory_bank needs the multi-label loss")
+        if weights.non_noisy_scope not in CONTRAST_SCOPES:
+            raise ValueError(
+                f"groupvit.losses.non_noisy_scope must be one of {list(CONTRAST_SCOPES)}, "
+                f"got {weights.non_noisy_scope!r}"
+            )
+        if weights.non_noisy_scope != "global" and not (weights.non_noisy and weights.multi_label):
+            raise ValueError(
+                "groupvit.losses.non_noisy_scope=local applies to the non-noisy multi-label loss: "
+                "set groupvit.losses.non_noisy=true and groupvit.losses.multi_label > 0"
+            )
         return weights
+
+    @property
+    def local_multi_label(self) -> bool:
+        """The multi-label term is computed on each rank's mini-batch (no gather)."""
+        return self.non_noisy and self.non_noisy_scope == "local"
 
     @property
     def needs_labels(self) -> bool:
@@ -279,25 +300,40 @@ class GroupViTFineTuner(pl.LightningModule):
     def _multi_label(
         self, image: Tensor, labels: Tensor, mask: Tensor, strings: list[list[str]]
     ) -> Tensor:
-        image_all, labels_all = gather_for_contrast(image), gather_for_contrast(labels)
-        mask_all = gather_for_contrast(mask)
+        """The multi-label term: over the gathered global batch, or with
+        `non_noisy_scope="local"` over this rank's mini-batch only (pairs, positives and
+        negatives; DDP then averages the ranks' gradients, as the thesis's code does)."""
+        local = self.weights.local_multi_label
         scale = self.model.multi_label_scale()
+        if local:
+            image_in, labels_in, mask_in, strings_in = image, labels, mask, list(strings)
+        else:
+            image_in, labels_in = gather_for_contrast(image), gather_for_contrast(labels)
+            mask_in = gather_for_contrast(mask)
+            # every rank needs the global batch's strings: positives and bank exclusions agree
+            strings_in = gather_objects(list(strings))
         extra = None
-        # every rank needs the global batch's strings: positives and bank exclusions must agree
-        strings_all = gather_objects(list(strings))
         if self.memory_bank is not None:
-            current = {s for row in strings_all for s in row}
+            # an equal string in the loss's own batch is a positive, never a bank negative
+            current = {s for row in strings_in for s in row}
             extra = self.memory_bank.negatives(exclude=current if self.weights.non_noisy else None)
             extra = extra.to(image.device) if extra.numel() else None
         if self.weights.non_noisy:
             loss = non_noisy_multi_label_loss(
-                image_all, labels_all, scale, strings_all, mask_all, extra_text_negatives=extra
+                image_in, labels_in, scale, strings_in, mask_in, extra_text_negatives=extra
             )
         else:
             loss = multi_label_contrastive_loss(
-                image_all, labels_all, scale, mask_all, extra_text_negatives=extra
+                image_in, labels_in, scale, mask_in, extra_text_negatives=extra
             )
         if self.memory_bank is not None and self.training:
+            # every rank enqueues the global batch, so the banks stay identical across ranks
+            if local:
+                labels_all = gather_for_contrast(labels.detach())
+                mask_all = gather_for_contrast(mask)
+                strings_all = gather_objects(list(strings))
+            else:
+                labels_all, mask_all, strings_all = labels_in, mask_in, strings_in
             flat_mask = mask_all.reshape(-1)
             flat_strings = [s for row in strings_all for s in row]
             kept = [s for s, m in zip(flat_strings, flat_mask.tolist()) if m]

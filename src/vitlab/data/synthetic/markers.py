@@ -9,6 +9,7 @@ A non-empty folder without the owner marker is a user's folder: it is refused, n
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -27,8 +28,16 @@ class ForeignFolderError(ConfigError):
 
 
 def is_generated(out_dir: str | Path) -> bool:
-    """True when `out_dir` was created by a vitlab generator (complete or not)."""
-    return (Path(out_dir) / OWNER_MARKER).is_file()
+    """True when `out_dir` was created by a vitlab generator (complete or not). Folders from
+    versions before the owner marker are recognised by their completion marker's `seed=N`."""
+    out = Path(out_dir)
+    if (out / OWNER_MARKER).is_file():
+        return True
+    marker = out / COMPLETE_MARKER
+    try:
+        return marker.is_file() and re.fullmatch(r"seed=\d+\n?", marker.read_text()) is not None
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def is_complete(out_dir: str | Path, spec: Any = None) -> bool:

@@ -1,5 +1,6 @@
 """Load GroupViT weights from NVlabs `.pth`, `transformers` (hub id or directory) or our own
-checkpoints, strictly; export back to the `transformers` format.
+checkpoints, strictly; export back to the `transformers` format (weights, config with CLIP's
+special token ids, tokenizer and image processor: a full `from_pretrained` model).
 
 Strict means: every source tensor is used and every parameter and buffer of our model is filled
 (shape-checked). The one documented exception: `transformers` has no `multi_label_logit_scale`,
@@ -9,7 +10,10 @@ so it starts from the checkpoint's `logit_scale`.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +259,17 @@ def _as_int(value) -> int:
     return int(value[0] if isinstance(value, list | tuple) else value)
 
 
+# Special token ids of the exported text config: CLIP's start/end of text (our text pipeline's
+# SOT/EOT, `transformers`' GroupViTTextConfig defaults) and the pad id of the exported tokenizer,
+# which pads with <|endoftext|> as the released nvidia/groupvit-* tokenizers do. Our own pipeline
+# pads with 0; either way the text tower pools at the first end-of-text token and its causal mask
+# hides what follows, so the embeddings are the same.
+HF_TEXT_TOKEN_IDS = {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+
+
 def hf_config_from_spec(spec: GroupViTSpec):
-    """A `transformers.GroupViTConfig` describing the same architecture."""
+    """A `transformers.GroupViTConfig` describing the same architecture, with CLIP's special
+    token ids written out (not left to the installed version's defaults)."""
     from transformers import GroupViTConfig
 
     output_groups = list(spec.num_output_groups)
@@ -284,6 +297,7 @@ def hf_config_from_spec(spec: GroupViTSpec):
         num_attention_heads=spec.text_heads,
         max_position_embeddings=spec.context_length,
         layer_norm_eps=spec.layer_norm_eps,
+        **HF_TEXT_TOKEN_IDS,
     )
     return GroupViTConfig(
         text_config=text,
@@ -467,8 +481,52 @@ def save_groupvit(model: GroupViT, path: str | Path) -> Path:
     return path
 
 
-def export_transformers(model: GroupViT, out_dir: str | Path) -> Path:
-    """Write a `transformers` GroupViT directory (`from_pretrained`-loadable) with our weights."""
+def hf_processor(spec: GroupViTSpec):
+    """The `transformers.CLIPProcessor` of a vitlab GroupViT: CLIP's BPE tokenizer built offline
+    from open_clip's vocabulary (the one our text pipeline uses; pads with <|endoftext|>, at most
+    `context_length` tokens) and a `CLIPImageProcessor` doing what our evaluation transform does:
+    short side to the model's image size (bicubic), centre crop, ImageNet mean/std."""
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    from vitlab.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from vitlab.models.groupvit.text import ClipTokenizer
+
+    ours = ClipTokenizer()
+    if ours.vocab_size != spec.vocab_size:
+        raise CheckpointError(
+            f"the model's vocabulary has {spec.vocab_size} tokens, CLIP's BPE {ours.vocab_size}: "
+            "no tokenizer to export for it"
+        )
+    with tempfile.TemporaryDirectory() as files:
+        ours.save_vocabulary(files)
+        tokenizer = CLIPTokenizer.from_pretrained(files, model_max_length=spec.context_length)
+    for name, value in HF_TEXT_TOKEN_IDS.items():
+        if getattr(tokenizer, name) != value:
+            raise CheckpointError(f"tokenizer {name} {getattr(tokenizer, name)} != {value}")
+    size = spec.image_size
+    image_processor = CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": size},
+        resample=3,  # PIL bicubic
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def export_transformers(model: GroupViT, out_dir: str | Path, processor: bool = True) -> Path:
+    """Write a `transformers` GroupViT directory with our weights: `config.json` (CLIP's
+    bos/eos/pad ids in `text_config`), the weights and, with `processor`, the tokenizer
+    (`vocab.json`, `merges.txt` and the installed version's tokenizer files) and the image
+    processor, so `GroupViTModel`, `AutoProcessor`, `CLIPTokenizer(Fast)` and
+    `CLIPImageProcessor.from_pretrained(out_dir)` all load it offline. Files are written in a
+    temporary folder beside `out_dir`, then moved in one by one (each replaces its namesake)."""
     from transformers import GroupViTModel
 
     hf = GroupViTModel(hf_config_from_spec(model.spec))
@@ -481,5 +539,20 @@ def export_transformers(model: GroupViT, out_dir: str | Path) -> Path:
             "transformers' GroupViT does not clamp the logit scale (ours clamps at %s)",
             model.spec.logit_scale_max,
         )
-    hf.save_pretrained(str(out_dir))
-    return Path(out_dir)
+    proc = hf_processor(model.spec) if processor else None
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf.save_pretrained(str(staging))
+        if proc is not None:
+            proc.save_pretrained(str(staging))
+            from vitlab.models.groupvit.text import ClipTokenizer
+
+            ClipTokenizer().save_vocabulary(staging)  # CLIP's canonical files, any version
+        out.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
+import json
 import random
 import runpy
 from collections.abc import Callable, Sequence
@@ -35,6 +36,9 @@ from torch import Tensor
 CONTEXT_LENGTH = 77
 SOT_TOKEN = 49406
 EOT_TOKEN = 49407
+# `transformers`' names of the two special tokens (vocab.json); our tables call them
+# <start_of_text> / <end_of_text> (open_clip's names), the ids are the same
+HF_SOT, HF_EOT = "<|startoftext|>", "<|endoftext|>"
 PAD_LABEL = "<PAD>"
 EVAL_TEMPLATE = "a photo of a {}."
 
@@ -113,6 +117,7 @@ class _BpeVocabulary:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1 : 1 + self.N_MERGES]]
+        self.merges: list[tuple[str, ...]] = merges
         symbols = list(_byte_symbols().values())
         vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
         vocab += ["<start_of_text>", "<end_of_text>"]
@@ -185,6 +190,28 @@ class ClipTokenizer:
     def encode(self, text: str) -> list[int]:
         """BPE ids of `text`, without start/end tokens."""
         return self._vocab.encode(text)
+
+    def save_vocabulary(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write CLIP's `transformers` tokenizer files into `out_dir`, from the same BPE file:
+        `vocab.json` (token -> id; the specials named <|startoftext|> / <|endoftext|>) and
+        `merges.txt` ('#version: 0.2' header, then one merge per line, by rank). A
+        `transformers.CLIPTokenizer` built from them gives our ids (its text clean-up lacks
+        ftfy and HTML unescaping, which only matter for broken or escaped text)."""
+        vocab = self._vocab
+        names = {vocab.sot: HF_SOT, vocab.eot: HF_EOT}
+        ids = {names.get(i, token): i for token, i in vocab.ids.items()}
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
+        merges = "".join(" ".join(pair) + "\n" for pair in vocab.merges)
+        for path, text in (
+            (vocab_path, json.dumps(ids, ensure_ascii=False)),
+            (merges_path, "#version: 0.2\n" + merges),
+        ):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+        return vocab_path, merges_path
 
     def __call__(self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> Tensor:
         """LongTensor [N, context_length]: [SOT] + ids + [EOT], zero padded. Too long texts are
