@@ -22,7 +22,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from vitlab.run_fungiclef import Rows, RowsDataset, batch_loader
+from vitlab.data.embedding_rows import Rows, RowsDataset, batch_loader
 from vitlab.tasks.fungiclef import FungiClassifier
 
 HEAD = {"_target_": "vitlab.models.heads.MetadataMLPHead", "hidden": 4096, "dropout": 0.1}

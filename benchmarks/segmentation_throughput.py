@@ -1,6 +1,6 @@
 """Images/s of the zero-shot segmentation evaluation at 448 px, released GroupViT (random weights).
 
-What is timed is what `infer.py task=segmentation` does per image: resize to short side 448,
+What is timed is what `infer.py pipeline=segmentation` does per image: resize to short side 448,
 sliding window (crop 448, stride 224), per crop A1@A2 group maps + group-class affinity +
 background rule, averaging, resize back, argmax, confusion-matrix update. Images are 640x480
 (COCO/VOC-like aspect: 2 crops each) decoded from JPEG. Also reported: the model forward alone

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from vitlab.run import build_trainer
+from vitlab.pipelines.base import build_trainer
 from vitlab.safe_load import allowlisted_globals
 from vitlab.tracking import RunTracker
 
@@ -59,9 +61,8 @@ def _fit(tmp_path, tie_breaker):
     data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
     tracker = RunTracker(OmegaConf.create({}), tmp_path, "train", OmegaConf.create({}))
     checkpoints = tmp_path / "checkpoints"
-    trainer = build_trainer(
-        _cfg(tie_breaker), tracker, tmp_path, checkpoints, "val/macro_f1", "max"
-    )
+    run = SimpleNamespace(tracker=tracker, run_dir=tmp_path)  # what build_trainer reads
+    trainer = build_trainer(_cfg(tie_breaker), run, checkpoints, "val/macro_f1", "max")
     trainer.fit(ScriptedMetrics(), data, data)
     return trainer, checkpoints
 

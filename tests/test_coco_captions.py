@@ -19,7 +19,6 @@ from vitlab.data.coco_captions import (
     train_transform,
     validate_images,
 )
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.synthetic.__main__ import main as synthetic_main
 from vitlab.data.synthetic.coco_captions import (
     PLURALS,
@@ -36,6 +35,7 @@ from vitlab.data.voc import (
     voc_colormap,
     write_label_png,
 )
+from vitlab.errors import DatasetFormatError
 
 SPEC = CocoCaptionsSyntheticSpec(seed=5, n_train=24, n_val=12, image_size=64)
 

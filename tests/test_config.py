@@ -6,14 +6,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from tests.conftest import CONFIG_DIR, compose_config
-from vitlab.config import ConfigError, instantiate_node
+from vitlab.config import instantiate_node
 from vitlab.data.segmentation import spec_from_config
-from vitlab.run import train, validate
-from vitlab.run_groupvit import validate_groupvit
-from vitlab.run_segmentation import segmentation_settings
+from vitlab.errors import ConfigError
+from vitlab.pipelines.groupvit import validate_groupvit
+from vitlab.pipelines.plantclef import train, validate
+from vitlab.pipelines.segmentation import segmentation_settings
 
 ALL_EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-# segment_* recipes are for infer.py (task=segmentation); the others for train.py
+# segment_* recipes are for infer.py (pipeline=segmentation); the others for train.py
 SEGMENT_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e.startswith("segment_")]
 EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in SEGMENT_EXPERIMENTS]
 REAL_DATA = ["dataset.root=/data/PlantCLEF2024", "backbone.checkpoint_path=/ckpt/model.pth.tar"]
@@ -55,7 +56,7 @@ def test_segmentation_experiments_compose_for_infer(experiment, tmp_path):
     overrides = [f"experiment={experiment}", "ckpt_path=x.pt", "dataset.root=/voc"]
     cfg = compose_config("infer", overrides, tmp_path)
     _resolve_all(cfg)
-    assert cfg.task == "segmentation"
+    assert cfg.pipeline == "segmentation"
     settings = segmentation_settings(cfg.segmentation, spec_from_config(cfg.dataset))
     assert settings.crop >= settings.stride > 0
 

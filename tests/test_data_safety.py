@@ -10,7 +10,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import run_entry_point
-from vitlab.config import ConfigError
 from vitlab.data.segmentation import ensure_synthetic_voc
 from vitlab.data.synthetic.__main__ import main as synthetic_main
 from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec, generate_coco_captions
@@ -22,7 +21,8 @@ from vitlab.data.synthetic.markers import (
     is_complete,
 )
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
-from vitlab.run import ensure_generated
+from vitlab.errors import ConfigError
+from vitlab.pipelines.base import ensure_generated
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_PLANT = PlantClefSyntheticSpec(

@@ -11,7 +11,6 @@ from vitlab.data.fungiclef import (
     stratified_observation_folds,
 )
 from vitlab.data.metadata import MetadataEncoder, cyclic, geohash, geohash_levels
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.synthetic.fungiclef import (
     POISON_CSV,
     TRAIN_CSV,
@@ -19,6 +18,7 @@ from vitlab.data.synthetic.fungiclef import (
     FungiSyntheticSpec,
     generate_fungiclef,
 )
+from vitlab.errors import DatasetFormatError
 from vitlab.metrics.fungiclef import read_poison_list
 
 

@@ -17,7 +17,7 @@ from vitlab.inference.fungiclef import (
 )
 from vitlab.metrics.fungiclef import read_fungiclef_csv
 from vitlab.models.heads import MetadataMLPHead, MetadataTransformerHead
-from vitlab.run_fungiclef import train_fungiclef, validation_matching_weights
+from vitlab.pipelines.fungiclef import train_fungiclef, validation_matching_weights
 
 
 def test_ensemble_averages():

@@ -19,12 +19,11 @@ import pytest
 from omegaconf import open_dict
 
 from tests.conftest import compose_config
-from vitlab.config import ConfigError
 from vitlab.data.coco_captions import coco_paths, read_coco_captions_with_report
 from vitlab.data.missing_images import check_max_missing_fraction, check_missing_images
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec, generate_coco_captions
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
+from vitlab.errors import ConfigError, DatasetFormatError
 from vitlab.inference.fungiclef import entropy, tune_entropy_threshold
 from vitlab.metrics.__main__ import main as metrics_main
 from vitlab.metrics.fungiclef import (
@@ -33,7 +32,7 @@ from vitlab.metrics.fungiclef import (
     read_fungiclef_truth,
     write_fungiclef_submission,
 )
-from vitlab.run_fungiclef import train_fungiclef
+from vitlab.pipelines.fungiclef import train_fungiclef
 from vitlab.stages.prepare import PrepareParams, prepare_images, prepare_training_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,7 +308,7 @@ def test_full_run_on_real_forms(fungi, tmp_path):
 def test_run_without_public_test_csv_says_it_writes_no_submission(fungi, tmp_path, caplog):
     data = _copy(fungi, tmp_path / "data")
     (data / TEST_CSV).unlink()
-    with caplog.at_level(logging.WARNING, logger="vitlab.run_fungiclef"):
+    with caplog.at_level(logging.WARNING, logger="vitlab.pipelines.fungiclef"):
         summary = train_fungiclef(_config(data, tmp_path, "trainer.max_epochs=1"))
     assert summary["submission"] is None and "dataset.test_csv" in summary["submission_note"]
     assert not (tmp_path / "run" / "submission.csv").exists()

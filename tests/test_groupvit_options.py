@@ -114,8 +114,8 @@ def test_non_noisy_scope_is_validated():
 
 def test_groupvit_final_uses_per_gpu_pairs_and_the_default_stays_global(tmp_path):
     from tests.conftest import compose_config
-    from vitlab.config import ConfigError
-    from vitlab.run_groupvit import validate_groupvit
+    from vitlab.errors import ConfigError
+    from vitlab.pipelines.groupvit import validate_groupvit
 
     cfg = compose_config("train", ["experiment=groupvit_final", "dataset.root=/coco"], tmp_path)
     validate_groupvit(cfg)

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from tests.conftest import compose_config
-from vitlab.config import ConfigError
 from vitlab.data.coco_captions import collate_captions
+from vitlab.errors import ConfigError
 from vitlab.models.groupvit.checkpoints import load_groupvit
 from vitlab.models.groupvit.model import GroupViT, tiny_spec
 from vitlab.models.groupvit.text import CaptionLabeler
-from vitlab.run_groupvit import train_groupvit, validate_groupvit
+from vitlab.pipelines.groupvit import train_groupvit, validate_groupvit
 from vitlab.tasks.groupvit import (
     COMPONENTS,
     GroupViTFineTuner,

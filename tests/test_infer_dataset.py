@@ -11,9 +11,9 @@ from omegaconf import open_dict
 
 from tests.conftest import compose_config
 from tests.test_pipeline import _train_cfg
-from vitlab.config import ConfigError
 from vitlab.data.plantclef import write_submission
-from vitlab.run import infer, load_head_module, train
+from vitlab.errors import ConfigError
+from vitlab.pipelines.plantclef import infer, load_head_module, train
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_infer_with_only_a_checkpoint_uses_the_runs_dataset(trained_elsewhere, t
     cfg = compose_config(
         "infer", ["logger=csv", f"ckpt_path={summary['best_checkpoint']}"], tmp_path
     )
-    with caplog.at_level(logging.INFO, logger="vitlab.run"):
+    with caplog.at_level(logging.INFO, logger="vitlab.pipelines.plantclef"):
         result = infer(cfg)
     assert result["scores"] == pytest.approx(summary["scores"])  # same plots, same truth
     assert not (tmp_path / "data").exists()  # the synthetic default was not generated
@@ -40,7 +40,7 @@ def test_runs_without_a_recorded_dataset_read_the_runs_hydra_config(
     trained_elsewhere, tiny_plantclef, tmp_path, monkeypatch
 ):
     """Checkpoints from before the dataset was recorded: the run's .hydra/config.yaml says it."""
-    import vitlab.run as run_module
+    import vitlab.pipelines.plantclef as run_module
 
     root, summary = trained_elsewhere
     original = run_module.load_head_module

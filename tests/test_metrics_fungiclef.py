@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from vitlab.data.plantclef import DatasetFormatError
+from vitlab.errors import DatasetFormatError
 from vitlab.metrics.__main__ import main
 from vitlab.metrics.fungiclef import (
     accuracy,

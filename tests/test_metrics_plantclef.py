@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import MultiLabelBinarizer
 
-from vitlab.data.plantclef import DatasetFormatError, read_submission, write_submission
+from vitlab.data.plantclef import read_submission, write_submission
+from vitlab.errors import DatasetFormatError
 from vitlab.metrics.plantclef import plantclef_scores
 
 

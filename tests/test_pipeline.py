@@ -11,8 +11,9 @@ import pytest
 
 import vitlab.stages.embed as embed_module
 from tests.conftest import compose_config
-from vitlab.data.plantclef import DatasetFormatError, read_submission
-from vitlab.run import infer, train
+from vitlab.data.plantclef import read_submission
+from vitlab.errors import DatasetFormatError
+from vitlab.pipelines.plantclef import infer, train
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import compose_config
-from vitlab.config import ConfigError
-from vitlab.data.plantclef import DatasetFormatError, read_training_metadata
-from vitlab.run import train
+from vitlab.data.plantclef import read_training_metadata
+from vitlab.errors import ConfigError, DatasetFormatError
+from vitlab.pipelines.plantclef import train
 
 REPO = Path(__file__).resolve().parents[1]
 METADATA = "PlantCLEF2024_single_plant_training_metadata.csv"

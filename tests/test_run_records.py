@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-import vitlab.run as run_module
+import vitlab.pipelines.plantclef as run_module
 from tests.test_pipeline import _train_cfg
 from vitlab.atomic import atomic_output
-from vitlab.run import StageTimer, train
+from vitlab.pipelines.base import StageTimer
+from vitlab.pipelines.plantclef import train
 from vitlab.stages.fit import write_label_map
 from vitlab.tracking import RunTracker, recorded_run
 

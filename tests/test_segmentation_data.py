@@ -6,7 +6,6 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.segmentation import (
     DATASETS,
     SegmentationSample,
@@ -20,6 +19,7 @@ from vitlab.data.segmentation import (
 )
 from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec, generate_coco_captions
 from vitlab.data.voc import VOC_CLASSES, read_voc_split, write_label_png
+from vitlab.errors import DatasetFormatError
 from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "dataset"

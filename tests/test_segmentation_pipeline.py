@@ -1,4 +1,4 @@
-"""`infer.py task=segmentation` end to end on the synthetic VOC-layout set."""
+"""`infer.py pipeline=segmentation` end to end on the synthetic VOC-layout set."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests.conftest import compose_config
-from vitlab.config import ConfigError
 from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec
+from vitlab.errors import ConfigError
 from vitlab.metrics.__main__ import main as metrics_main
 from vitlab.models.groupvit.checkpoints import save_groupvit
 from vitlab.models.groupvit.model import GroupViT, tiny_spec
-from vitlab.run_segmentation import evaluate_segmentation
+from vitlab.pipelines.segmentation import evaluate_segmentation
 
 SYNTHETIC = CocoCaptionsSyntheticSpec(seed=5, n_train=6, n_val=8, image_size=64)
 

@@ -304,7 +304,7 @@ def test_heartbeat_refreshes_lease_until_the_trial_is_closed():
 
 
 def test_stale_trial_settings_are_checked(tiny_plantclef, tmp_path):
-    from vitlab.config import ConfigError
+    from vitlab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="grace_period"):
         run_sweep(_base(tiny_plantclef, tmp_path, "sweep.grace_period=10"))
@@ -332,3 +332,49 @@ def test_trial_closed_as_stale_by_another_worker_is_dropped():
     assert run_one_trial(study, closed_then_writes, n_trials=3)
     assert [t.state for t in study.trials] == [STATES.FAIL, STATES.FAIL]
     assert [t.value for t in study.trials] == [None, None]
+
+
+def _two_trials(root, *overrides):
+    study = run_sweep(
+        [
+            *overrides,
+            "logger=csv",
+            f"paths.root_dir={root}",
+            f"paths.cache_dir={root}/cache",
+            "sweep.n_trials=2",
+            "sweep.storage=null",
+        ]
+    )
+    best = root / "sweeps" / study.study_name / "best_params.json"
+    return study, json.loads(best.read_text())
+
+
+def test_fungiclef_quickstart_sweeps(tmp_path, tmp_path_factory):
+    """The pipeline's metric reaches the study (it used to fail: no val_images/macro_f1)."""
+    from tests.test_fungiclef_pipeline import FAST as FUNGI_FAST
+    from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
+
+    spec = FungiSyntheticSpec(seed=2, n_species=8, n_unknown=2, max_observations=10)
+    data = generate_fungiclef(tmp_path / "data", spec)
+    fast = [o for o in FUNGI_FAST if not o.startswith("trainer.max_epochs")]
+    study, best = _two_trials(
+        tmp_path, *fast, "trainer.max_epochs=3", f"dataset.root={data}", "sweep=quickstart_head"
+    )
+    assert len(study.get_trials(states=(STATES.COMPLETE,))) == 2
+    assert 0 <= best["value"] <= 1  # held_out/ensemble/macro_f1
+
+
+def test_groupvit_quickstart_sweeps(tmp_path):
+    """It used to run the PlantCLEF pipeline and die on a missing PlantCLEF key."""
+    study, best = _two_trials(
+        tmp_path,
+        "experiment=quickstart_groupvit",
+        "sweep=quickstart_groupvit",
+        "trainer.max_epochs=1",
+        "dataset.synthetic.n_train=16",
+        "dataset.synthetic.n_val=8",
+        "groupvit.batch_size=8",
+    )
+    assert len(study.get_trials(states=(STATES.COMPLETE,))) == 2
+    assert best["value"] > 0  # val/loss
+    assert set(best["params"]) == {"groupvit.optim.lr", "groupvit.losses.multi_label"}

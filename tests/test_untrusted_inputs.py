@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 
 from tests.conftest import run_entry_point
 from vitlab.cli import main as vitlab_cli
-from vitlab.config import ConfigError, instantiate_node, set_extra_target_prefixes
+from vitlab.config import instantiate_node, set_extra_target_prefixes
+from vitlab.errors import ConfigError
 from vitlab.models.backbones import create_backbone
 from vitlab.models.groupvit.checkpoints import (
     CheckpointError,
@@ -30,7 +31,7 @@ from vitlab.models.groupvit.checkpoints import (
     save_groupvit,
 )
 from vitlab.models.groupvit.model import GroupViT, tiny_spec
-from vitlab.run import load_head_predictor
+from vitlab.pipelines.plantclef import load_head_predictor
 from vitlab.safe_load import UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def test_segmentation_with_crafted_checkpoint_exits_2_without_running_it(tmp_pat
     payload = torch.load(tmp_path / "ours.pt", weights_only=True)
     torch.save({**payload, "x": RunsCode(marker)}, tmp_path / "crafted.pt")
     args = [
-        "task=segmentation",
+        "pipeline=segmentation",
         "experiment=segment_synthetic_voc",
         f"ckpt_path={tmp_path / 'crafted.pt'}",
         "dataset.synthetic.n_train=2",
@@ -217,7 +218,7 @@ def silent_endpoint():
 
 HUB_SCRIPT = """
 import time
-from vitlab.config import ConfigError
+from vitlab.errors import ConfigError
 from vitlab.models.backbones import create_backbone
 from vitlab.models.groupvit.checkpoints import CheckpointError, load_groupvit
 start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Lightning callbacks every pipeline's Trainer gets (see `vitlab.run.build_trainer`)."""
+"""Lightning callbacks every pipeline's Trainer gets (see `vitlab.pipelines.base.build_trainer`)."""
 
 from __future__ import annotations
 

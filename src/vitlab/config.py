@@ -11,13 +11,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vitlab.errors import ConfigError
+
+__all__ = ["ConfigError"]  # re-exported: `from vitlab.config import ConfigError` keeps working
+
 ALLOWED_TARGET_PREFIXES = ("vitlab.", "torch.nn.", "torch.optim.", "pytorch_lightning.")
 # Packages a user adds with the `extra_target_prefixes` key (set by each pipeline at its start).
 _extra_target_prefixes: tuple[str, ...] = ()
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the key."""
 
 
 def to_container(node: Any) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vitlab.config import ConfigError
+from vitlab.errors import ConfigError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 

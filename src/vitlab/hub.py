@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vitlab.config import ConfigError
+from vitlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PROBE_SECONDS = 5.0

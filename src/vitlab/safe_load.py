@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitlab.config import ConfigError
+from vitlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

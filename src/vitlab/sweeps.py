@@ -177,16 +177,19 @@ def build_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
 
 
 class OptunaPruning(pl.Callback):
-    """Report the monitored validation metric each epoch; stop the run when Optuna prunes."""
+    """Report the monitored validation metric each epoch; stop the run when Optuna prunes.
+    `sign=-1` when the monitor improves the other way than the study's objective (FungiCLEF:
+    `val/loss` monitored, macro F1 maximised), so the pruner compares like with like."""
 
-    def __init__(self, trial: optuna.Trial, monitor: str):
-        self.trial, self.monitor, self.pruned = trial, monitor, False
+    def __init__(self, trial: optuna.Trial, monitor: str, sign: float = 1.0):
+        self.trial, self.monitor, self.sign, self.pruned = trial, monitor, sign, False
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         try:
-            self.trial.report(float(trainer.callback_metrics[self.monitor]), trainer.current_epoch)
+            value = self.sign * float(trainer.callback_metrics[self.monitor])
+            self.trial.report(value, trainer.current_epoch)
             prune = self.trial.should_prune()
         except UpdateFinishedTrialError:  # closed as stale by another worker: stop, result dropped
             trainer.should_stop = True

@@ -39,8 +39,8 @@ from vitlab.analysis.groupvit import (
     run_entropy,
     run_knn,
 )
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.segmentation import DATASETS, SegmentationDatasetSpec, dataset_samples
+from vitlab.errors import DatasetFormatError
 from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, CheckpointError
 from vitlab.models.groupvit.text import EVAL_TEMPLATE
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="per-class IoU difference (B - A) of two summaries or two checkpoints",
         description="Either --summary-a/--summary-b (summary.json of `infer.py "
-        "task=segmentation`) or --ckpt-a/--ckpt-b with the dataset arguments (evaluated here "
+        "pipeline=segmentation`) or --ckpt-a/--ckpt-b with the dataset arguments (evaluated here "
         "with the zero-shot evaluation: sliding window, background rule).",
     )
     cmp_.add_argument("--summary-a", help="summary.json of A")

@@ -55,13 +55,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.segmentation import (
     SegmentationDatasetSpec,
     SegmentationSample,
     load_image,
     read_label_map,
 )
+from vitlab.errors import DatasetFormatError
 from vitlab.inference.segmentation import (
     SegmentationSettings,
     add_background,
@@ -523,7 +523,7 @@ def read_summary(path: str | Path) -> dict[str, Any]:
     ):
         raise AnalysisError(
             f"{path}: no 'per_class' or 'iou' entry (expected the summary.json written by "
-            "`infer.py task=segmentation`)"
+            "`infer.py pipeline=segmentation`)"
         )
     return summary
 
@@ -589,7 +589,7 @@ def evaluate_zero_shot(
     settings: SegmentationSettings,
     desc: str = "segment",
 ) -> dict[str, Any]:
-    """The zero-shot evaluation of `infer.py task=segmentation` (sliding window, background
+    """The zero-shot evaluation of `infer.py pipeline=segmentation` (sliding window, background
     rule), without its files: {miou, iou, pixel_accuracy, per_class, n_images, skipped}."""
     accumulator = ConfusionMatrixAccumulator(**spec.metric_kwargs())
     skipped: list[str] = []

@@ -33,7 +33,7 @@ from vitlab.data.missing_images import (
     check_missing_images,
     require_image_folder,
 )
-from vitlab.data.plantclef import DatasetFormatError
+from vitlab.errors import DatasetFormatError
 from vitlab.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vitlab.data.plantclef import DatasetFormatError
+from vitlab.errors import DatasetFormatError
 
 UNKNOWN = -1
 REQUIRED_COLUMNS = ("observationID", "image_path", "class_id")

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vitlab.config import ConfigError
-from vitlab.data.plantclef import DatasetFormatError
+from vitlab.errors import ConfigError, DatasetFormatError
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from vitlab.errors import ConfigError, DatasetFormatError
+
 METADATA_COLUMNS: tuple[str, ...] = (
     "image_name",
     "organ",
@@ -43,10 +45,6 @@ SUBMISSION_HEADER = ("plot_id", "species_ids")
 EXAMPLES = 3  # examples named in an error message
 
 log = logging.getLogger(__name__)
-
-
-class DatasetFormatError(ValueError):
-    """The data on disk does not follow the official layout; the message names the culprit."""
 
 
 def first_non_utf8(path: str | Path, chunk_size: int = 1 << 24) -> tuple[int, int] | None:
@@ -241,7 +239,6 @@ def check_plantclef_dataset(dataset: Mapping[str, Any], training: bool = True) -
     (`min_images_per_species`, counted on the metadata's train rows: how many species pass,
     the largest count); the ground truth when the file exists (well formed, not empty, covers
     every test plot). Every problem found is reported at once, each naming its config key."""
-    from vitlab.config import ConfigError
 
     problems: list[ValueError] = []
 
@@ -325,7 +322,7 @@ def _species_passing(
 ) -> set[int]:
     """Species with >= min_images rows tagged train in the metadata (at least two are needed:
     a one-class head predicts the same species everywhere)."""
-    from vitlab.config import ConfigError
+    from vitlab.errors import ConfigError
 
     counts = frame.loc[frame["learn_tag"] == "train", "species_id"].value_counts()
     passing = counts[counts >= min_images]

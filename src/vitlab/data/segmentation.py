@@ -60,7 +60,6 @@ import numpy as np
 from PIL import Image
 
 from vitlab.data.images import CorruptImageError, decode_image
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.voc import (
     IGNORE_INDEX,
     IMAGES_DIR,
@@ -71,6 +70,7 @@ from vitlab.data.voc import (
     read_label_png,
     read_voc_split,
 )
+from vitlab.errors import DatasetFormatError
 
 __all__ = [
     "ADE20K_CLASSES",

@@ -22,7 +22,7 @@ from PIL import Image
 
 from vitlab.atomic import atomic_output
 from vitlab.data.images import IMAGE_ERRORS
-from vitlab.data.plantclef import DatasetFormatError
+from vitlab.errors import DatasetFormatError
 
 VOC_CLASSES: tuple[str, ...] = (
     "background",

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vitlab.data.plantclef import DatasetFormatError, read_ground_truth, read_submission
+from vitlab.data.plantclef import read_ground_truth, read_submission
+from vitlab.errors import DatasetFormatError
 from vitlab.metrics.fungiclef import (
     fungiclef_scores,
     read_fungiclef_csv,

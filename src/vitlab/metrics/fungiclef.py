@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.shards import atomic_write_text
+from vitlab.errors import DatasetFormatError
 
 UNKNOWN = -1
 COLUMNS = ("observationID", "class_id")

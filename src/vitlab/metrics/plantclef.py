@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from vitlab.data.plantclef import DatasetFormatError
+from vitlab.errors import DatasetFormatError
 
 PlotLabels = Mapping[str, Iterable[int]]
 

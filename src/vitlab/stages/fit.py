@@ -18,9 +18,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from vitlab.config import ConfigError
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings, atomic_write_text
 from vitlab.data.streaming import ParquetStream
+from vitlab.errors import ConfigError
 from vitlab.metrics.classification import accuracy, macro_f1
 from vitlab.safe_load import load_lightning_module
 from vitlab.tasks.classification import EmbeddingClassifier

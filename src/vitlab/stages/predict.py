@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitlab.config import ConfigError
 from vitlab.data.images import CorruptImageError, center_crop_resize, decode_image, to_uint8_array
 from vitlab.data.loading import chunks, prefetch
 from vitlab.data.plantclef import plot_id_of
+from vitlab.errors import ConfigError
 from vitlab.models.backbones import Backbone, preprocess_batch
 from vitlab.progress import progress
 from vitlab.stages.embed import FeatureReducer, embed_pixels

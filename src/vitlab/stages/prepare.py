@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from vitlab.cache import content_key, file_sha256, files_fingerprint
-from vitlab.config import ConfigError, to_container
+from vitlab.config import to_container
 from vitlab.data.images import CorruptImageError, center_crop_resize, decode_image, encode_jpeg
 from vitlab.data.loading import map_threads
 from vitlab.data.missing_images import (
@@ -28,9 +28,10 @@ from vitlab.data.missing_images import (
     check_missing_images,
     require_image_folder,
 )
-from vitlab.data.plantclef import DatasetFormatError, index_images, read_training_metadata
+from vitlab.data.plantclef import index_images, read_training_metadata
 from vitlab.data.shards import ShardedStage
 from vitlab.engines.local import LocalEngine
+from vitlab.errors import ConfigError, DatasetFormatError
 
 log = logging.getLogger(__name__)
 PREPARED_SCHEMA = pa.schema(

@@ -15,8 +15,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from vitlab.config import ConfigError
 from vitlab.data.shards import atomic_write_text
+from vitlab.errors import ConfigError
 
 OWNER_MARKER = ".vitlab-synthetic"
 COMPLETE_MARKER = ".complete"

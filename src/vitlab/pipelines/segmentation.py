@@ -1,4 +1,4 @@
-"""Zero-shot segmentation evaluation behind `infer.py task=segmentation`: config in, summary out.
+"""Zero-shot segmentation behind `infer.py pipeline=segmentation`: config in, summary out.
 
 checkpoint (ours, NVlabs `.pth`, transformers dir / hub id) + dataset (VOC, Context, COCO-Object,
 ADE20K, synthetic VOC) -> class text embeddings -> per image: sliding-window zero-shot
@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from vitlab.config import ConfigError, require_positive, set_extra_target_prefixes
+from vitlab.config import require_positive
 from vitlab.data.images import CorruptImageError, decode_image
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.segmentation import (
     SegmentationDatasetSpec,
     read_label_map,
@@ -27,6 +26,7 @@ from vitlab.data.segmentation import (
     spec_from_config,
 )
 from vitlab.data.voc import write_label_png
+from vitlab.errors import ConfigError, DatasetFormatError
 from vitlab.inference.segmentation import (
     SegmentationSettings,
     class_text_embeddings,
@@ -35,9 +35,9 @@ from vitlab.inference.segmentation import (
 from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
 from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, CheckpointError, load_groupvit
 from vitlab.models.groupvit.model import GroupViT
+from vitlab.pipelines.base import Pipeline, RunContext, RunSummary, begin, numeric_metrics
 from vitlab.progress import progress
-from vitlab.run import StageTimer, run_dir_of
-from vitlab.tracking import RunTracker, recorded_run
+from vitlab.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
     source = cfg.get("ckpt_path")
     if not source:
         raise ConfigError(
-            "ckpt_path is required with task=segmentation: a vitlab groupvit.pt / Lightning "
+            "ckpt_path is required with pipeline=segmentation: a vitlab groupvit.pt / Lightning "
             ".ckpt, an NVlabs .pth, a transformers directory or a hub id (nvidia/groupvit-gcc-yfcc)"
         )
     kind = cfg.segmentation.checkpoint_kind
@@ -84,30 +84,35 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
     return model.to(device)
 
 
-def evaluate_segmentation(cfg: DictConfig) -> dict[str, Any]:
-    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
+def validate_segmentation(cfg: DictConfig) -> None:
     require_positive(cfg, "segmentation.short_side", "segmentation.crop", "segmentation.stride")
+    segmentation_settings(cfg.segmentation, spec_from_config(cfg.dataset))
+
+
+def evaluate_segmentation(cfg: DictConfig) -> RunSummary:
+    """GroupViT zero-shot segmentation of a dataset, scored by mIoU (infer.py
+    pipeline=segmentation)."""
+    begin(cfg)
+    validate_segmentation(cfg)
     spec = spec_from_config(cfg.dataset)
     settings = segmentation_settings(cfg.segmentation, spec)
     samples = samples_from_config(cfg.dataset)
     model = load_segmentation_model(cfg)
-    run_dir = run_dir_of(cfg)
-    timer = StageTimer()
-    summary: dict[str, Any] = {
-        "task": "segmentation",
-        "run_dir": str(run_dir),
-        "checkpoint": str(cfg.ckpt_path),
-        "dataset": spec.name,
-        "settings": settings.__dict__,
-    }
-    tracker = RunTracker(cfg.logger, run_dir, "segmentation", cfg)
-    with recorded_run(run_dir, summary, timer, tracker):
-        with timer.stage("text"):
+    with RunContext(
+        cfg,
+        "segmentation",
+        checkpoint=str(cfg.ckpt_path),
+        dataset=spec.name,
+        settings=settings.__dict__,
+    ) as run:
+        run_dir, tracker, summary = run.run_dir, run.tracker, run.summary
+        with run.stage("text"):
             # background gets no prompt: it is the channel the background rule fills
             text = class_text_embeddings(model, spec.prompt_names, list(cfg.segmentation.templates))
-        with timer.stage("segment"):
+        with run.stage("segment"):
             scores = evaluate_samples(model, text, samples, spec, settings, cfg, run_dir, tracker)
         summary.update(scores)
+        summary["metrics"] = numeric_metrics(scores)
         _report(scores, spec, run_dir, tracker)
     log.info(
         "mIoU %.4f over %d images (%s)",
@@ -211,3 +216,6 @@ def _report(scores: dict[str, Any], spec, run_dir: Path, tracker: RunTracker) ->
     )
     tracker.log_image("per_class_iou", chart)
     tracker.log_metrics({"miou": float(scores["miou"]), "pixel_accuracy": scores["pixel_accuracy"]})
+
+
+PIPELINE = Pipeline("segmentation", validate=validate_segmentation, infer=evaluate_segmentation)

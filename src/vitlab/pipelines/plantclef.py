@@ -7,35 +7,40 @@ All components are built and validated before the first stage runs.
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
 from vitlab.config import (
-    ConfigError,
     instantiate_node,
     require_choice,
     require_positive,
-    set_extra_target_prefixes,
     to_container,
 )
 from vitlab.data.missing_images import FRACTION_KEY, check_max_missing_fraction
 from vitlab.data.plantclef import (
     check_plantclef_dataset,
+    read_ground_truth,
     read_submission,
     write_submission,
 )
-from vitlab.data.synthetic.markers import ForeignFolderError, is_complete
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
 from vitlab.devices import require_accelerator
+from vitlab.errors import ConfigError
+from vitlab.metrics.plantclef import plantclef_scores
+from vitlab.pipelines.base import (
+    Pipeline,
+    RunContext,
+    RunSummary,
+    begin,
+    build_trainer,
+    ensure_generated,
+    numeric_metrics,
+)
 from vitlab.safe_load import load_lightning_module
 from vitlab.stages.embed import embed_prepared
 from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
@@ -49,23 +54,10 @@ from vitlab.stages.predict import (
 from vitlab.stages.prepare import PrepareParams, prepare_training_images
 from vitlab.stages.score import per_plot_rows, plot_per_species_f1
 from vitlab.tasks.classification import OPTIMIZERS, EmbeddingClassifier
-from vitlab.tracking import WANDB_MODES, RunTracker, recorded_run, set_aside_previous, write_json
+from vitlab.tracking import WANDB_MODES, write_json
 
 log = logging.getLogger(__name__)
 PREDICTORS = ("head", "backbone_classifier")
-
-
-@dataclass
-class StageTimer:
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -102,35 +94,14 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def ensure_generated(dataset: DictConfig, generate, spec_type, what: str) -> None:
-    """Generate a synthetic dataset (`generate(root, spec_type(**dataset.synthetic))`) on first
-    use, or again when its spec changed; real datasets must exist. Only a new, empty or
-    generated folder is written: a user's folder is refused (ConfigError naming dataset.root)."""
-    synthetic = dataset.get("synthetic")
-    if synthetic:
-        spec = spec_type(**to_container(synthetic))
-        if not is_complete(dataset.root, spec):
-            log.info("generating synthetic %s data in %s", what, dataset.root)
-            try:
-                generate(dataset.root, spec)
-            except ForeignFolderError as err:
-                raise ConfigError(f"dataset.root={dataset.root}: {err}") from err
-    if not Path(dataset.root).is_dir():
-        raise ConfigError(f"dataset.root={dataset.root} is not a folder")
-
-
 def ensure_dataset(dataset: DictConfig) -> None:
     ensure_generated(dataset, generate_plantclef, PlantClefSyntheticSpec, "PlantCLEF")
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
-    path = Path(cfg.paths.output_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def train(cfg: DictConfig) -> dict[str, Any]:
-    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
+def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
+    """(generate) -> prepare -> embed -> fit -> predict -> score; `callbacks` join the
+    Trainer's (sweep.py's pruning)."""
+    begin(cfg)
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     backbone = instantiate_node(cfg.backbone, "backbone")
@@ -147,16 +118,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test_images = checked.test_images
     if classifier is not None:
         check_label_overlap(classifier.species_ids, cfg.dataset.get("test_ground_truth"), cfg)
-    run_dir = run_dir_of(cfg)
-    timer = StageTimer()
-    summary: dict[str, Any] = {"task": "train", "run_dir": str(run_dir), "cache_keys": {}}
-    summary["dataset_check"] = checked.report
-    tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
-    with recorded_run(run_dir, summary, timer, tracker):
+    with RunContext(cfg, "train", cache_keys={}, dataset_check=checked.report) as run:
+        summary = run.summary
         if classifier is not None:
             predictor: Predictor = classifier
         else:
-            with timer.stage("prepare"):
+            with run.stage("prepare"):
                 prepared = prepare_training_images(
                     cfg.dataset.metadata_csv,
                     cfg.dataset.train_images_dir,
@@ -167,23 +134,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         OmegaConf.select(cfg, FRACTION_KEY)
                     ),
                 )
-            with timer.stage("embed"):
+            with run.stage("embed"):
                 embedded = embed_prepared(
                     prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size, engine
                 )
             summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
             summary["prepare_report"] = prepared.manifest.get("report", {})
-            with timer.stage("fit"):
+            with run.stage("fit"):
                 splits = load_splits(
                     embedded, cfg.dataset.min_images_per_species, cfg.fit.loader, cfg.seed
                 )
                 summary["fit_data"] = splits.report
-                result = _fit(cfg, splits, backbone, features, tracker, run_dir, summary)
+                result = _fit(cfg, splits, backbone, features, run, callbacks)
             predictor = EmbeddingHeadPredictor(
                 backbone, features, result.module.head, result.module.species_ids
             )
-        _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer, summary)
-    log.info("summary: %s", run_dir / "summary.json")
+        _predict_and_score(cfg, predictor, strategy, test_images, run)
+    log.info("summary: %s", run.run_dir / "summary.json")
     return summary
 
 
@@ -192,10 +159,10 @@ def _fit(
     splits,
     backbone,
     features,
-    tracker: RunTracker,
-    run_dir: Path,
-    summary: dict[str, Any],
+    run: RunContext,
+    callbacks: Sequence[pl.Callback],
 ):
+    summary = run.summary
     context = {
         "backbone": to_container(cfg.backbone),
         "features": to_container(cfg.features),
@@ -216,59 +183,16 @@ def _fit(
     has_val = splits.counts["val"] > 0
     monitor = cfg.fit.monitor if has_val else "train/loss"
     mode = cfg.fit.mode if has_val else "min"
-    checkpoint_dir = run_dir / "checkpoints"
-    trainer = build_trainer(cfg, tracker, run_dir, checkpoint_dir, monitor, mode)
+    checkpoint_dir = run.run_dir / "checkpoints"
+    trainer = build_trainer(cfg, run, checkpoint_dir, monitor, mode, callbacks)
     result = fit_head(splits, module, trainer, cfg.head.batch_size, checkpoint_dir)
     if result.last_checkpoint:
         write_label_map(result.last_checkpoint.parent, splits.species_ids)
     summary["best_checkpoint"] = str(result.best_checkpoint)
     summary["fit_metrics"] = result.metrics
-    tracker.log_metrics({f"final/{k}": v for k, v in result.metrics.items()})
+    summary.setdefault("metrics", {}).update(result.metrics)
+    run.tracker.log_metrics({f"final/{k}": v for k, v in result.metrics.items()})
     return result
-
-
-# Callbacks a driver (sweep.py) adds to every Trainer built in its context, e.g. Optuna pruning.
-EXTRA_CALLBACKS: contextvars.ContextVar[tuple[pl.Callback, ...]] = contextvars.ContextVar(
-    "EXTRA_CALLBACKS", default=()
-)
-
-
-def build_trainer(
-    cfg: DictConfig,
-    tracker: RunTracker,
-    run_dir: Path,
-    checkpoint_dir: Path,
-    monitor: str,
-    mode: str,
-) -> pl.Trainer:
-    """The configured Trainer with `best.ckpt` (best `monitor`, ties broken by
-    `fit.tie_breaker`), `last.ckpt` (the last epoch) and early stopping on `monitor`, logging to
-    the run's CSV/W&B loggers."""
-    from pytorch_lightning.callbacks import EarlyStopping
-
-    set_aside_previous(checkpoint_dir)  # this run owns best.ckpt / last.ckpt (never best-v1)
-    callbacks: list[pl.Callback] = [
-        BestCheckpoint(  # first: it is `trainer.checkpoint_callback`
-            dirpath=checkpoint_dir,
-            filename="best",
-            monitor=monitor,
-            mode=mode,
-            tie_breaker=cfg.fit.get("tie_breaker"),
-        ),
-        last_epoch_checkpoint(str(checkpoint_dir)),
-    ]
-    callbacks += list(EXTRA_CALLBACKS.get())
-    if cfg.fit.early_stopping_patience:
-        callbacks.append(
-            EarlyStopping(monitor=monitor, mode=mode, patience=cfg.fit.early_stopping_patience)
-        )
-    return instantiate_node(
-        cfg.trainer,
-        "trainer",
-        callbacks=callbacks,
-        logger=tracker.loggers,
-        default_root_dir=str(run_dir),
-    )
 
 
 def _predict_and_score(
@@ -276,12 +200,10 @@ def _predict_and_score(
     predictor: Predictor,
     strategy,
     test_images,
-    run_dir,
-    tracker: RunTracker,
-    timer: StageTimer,
-    summary: dict[str, Any],
+    run: RunContext,
 ) -> None:
-    with timer.stage("predict"):
+    run_dir, tracker, summary = run.run_dir, run.tracker, run.summary
+    with run.stage("predict"):
         result = predict_quadrats(
             test_images,
             strategy,
@@ -296,13 +218,11 @@ def _predict_and_score(
     summary["inference"] = to_container(cfg.inference)
     truth_path = cfg.dataset.get("test_ground_truth")
     if truth_path and Path(truth_path).is_file():
-        with timer.stage("score"):
-            from vitlab.data.plantclef import read_ground_truth
-            from vitlab.metrics.plantclef import plantclef_scores
-
+        with run.stage("score"):
             truth = read_ground_truth(truth_path)
             scores = plantclef_scores(truth, result.predictions)
             summary["scores"] = scores
+            summary.setdefault("metrics", {}).update(numeric_metrics(scores, "test/"))
             write_json(run_dir / "scores.json", scores)
             tracker.log_metrics({f"test/{k}": v for k, v in scores.items()})
             tracker.log_table(
@@ -317,13 +237,11 @@ def _predict_and_score(
         log.info("no test ground truth at %s: submission written, not scored", truth_path)
 
 
-def infer(cfg: DictConfig) -> dict[str, Any]:
+def infer(cfg: DictConfig) -> RunSummary:
     """Predict (and score) with a trained checkpoint, or with the backbone's own classifier.
     The dataset is the checkpoint's run's unless the command line sets `dataset`."""
-    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
-    require_choice(cfg, "predictor", PREDICTORS)
-    require_positive(cfg, "predict.batch_size", "predict.quadrats_per_batch")
-    require_choice(cfg, "predict.tile_fit", TILE_FITS)
+    begin(cfg)
+    validate_infer(cfg)
     strategy = instantiate_node(cfg.inference, "inference")
     module, dataset = None, cfg.dataset
     if cfg.predictor != "head" or dataset_set_on_command_line():
@@ -346,17 +264,16 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
     if dataset is not cfg.dataset:
         with open_dict(cfg):
             cfg.dataset = dataset  # what _predict_and_score scores against and the run records
-    run_dir = run_dir_of(cfg)
-    timer = StageTimer()
-    summary: dict[str, Any] = {
-        "task": "infer",
-        "run_dir": str(run_dir),
-        "checkpoint": cfg.get("ckpt_path"),
-    }
-    tracker = RunTracker(cfg.logger, run_dir, "infer", cfg)
-    with recorded_run(run_dir, summary, timer, tracker):
-        _predict_and_score(cfg, predictor, strategy, test_images, run_dir, tracker, timer, summary)
-    return summary
+    with RunContext(cfg, "infer", checkpoint=cfg.get("ckpt_path")) as run:
+        _predict_and_score(cfg, predictor, strategy, test_images, run)
+    return run.summary
+
+
+def validate_infer(cfg: DictConfig) -> None:
+    """infer.py's checks that need no work."""
+    require_choice(cfg, "predictor", PREDICTORS)
+    require_positive(cfg, "predict.batch_size", "predict.quadrats_per_batch")
+    require_choice(cfg, "predict.tile_fit", TILE_FITS)
 
 
 def load_head_predictor(checkpoint: Path) -> EmbeddingHeadPredictor:
@@ -448,3 +365,6 @@ def check_label_overlap(species_ids: list[int] | None, truth_path: Any, cfg: Dic
             len(truth),
             truth_path,
         )
+
+
+PIPELINE = Pipeline("plantclef", validate=validate, train=train, infer=infer)

@@ -3,24 +3,22 @@
 (generate) -> read COCO captions (train/val) -> drop undecodable images (counted) -> label
 extraction per caption (nouns / noun phrases / caption, K labels, templates, <PAD>) ->
 fine-tune the selected components -> best checkpoint -> `groupvit.pt` for the segmentation
-evaluation (`infer.py task=segmentation`).
+evaluation (`infer.py pipeline=segmentation`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from vitlab.config import (
-    ConfigError,
     require_choice,
     require_positive,
-    set_extra_target_prefixes,
     to_container,
 )
 from vitlab.data.coco_captions import (
@@ -35,6 +33,7 @@ from vitlab.data.coco_captions import (
 from vitlab.data.missing_images import FRACTION_KEY, check_max_missing_fraction
 from vitlab.data.synthetic.coco_captions import CocoCaptionsSyntheticSpec, generate_coco_captions
 from vitlab.devices import require_accelerator
+from vitlab.errors import ConfigError
 from vitlab.models.groupvit.checkpoints import (
     CHECKPOINT_KINDS,
     CheckpointError,
@@ -44,9 +43,15 @@ from vitlab.models.groupvit.checkpoints import (
 from vitlab.models.groupvit.model import GroupViT, GroupViTSpec, released_spec, tiny_spec
 from vitlab.models.groupvit.tagged_sample import SampleTrainedTagger
 from vitlab.models.groupvit.text import KINDS, PAD_MODES, CaptionLabeler, nltk_pos_tagger
-from vitlab.run import StageTimer, build_trainer, ensure_generated, run_dir_of
+from vitlab.pipelines.base import (
+    Pipeline,
+    RunContext,
+    RunSummary,
+    begin,
+    build_trainer,
+    ensure_generated,
+)
 from vitlab.tasks.groupvit import COMPONENTS, GroupViTFineTuner, LossWeights
-from vitlab.tracking import RunTracker, recorded_run
 
 log = logging.getLogger(__name__)
 SPEC_PRESETS = {"released": released_spec, "tiny": tiny_spec}
@@ -162,11 +167,6 @@ def _loader(dataset, cfg: DictConfig, train: bool) -> DataLoader:
     )
 
 
-def is_global_zero() -> bool:
-    """Rank 0 of a (possibly distributed) run; Lightning sets the rank before fit."""
-    return rank_zero_only.rank == 0
-
-
 class EpochCaptions(pl.Callback):
     """A new random caption (and label prompts) per image each epoch, reproducibly."""
 
@@ -177,20 +177,17 @@ class EpochCaptions(pl.Callback):
         self.dataset.set_epoch(trainer.current_epoch)
 
 
-def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
-    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
+def train_groupvit(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
+    begin(cfg)
     validate_groupvit(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     gv = cfg.groupvit
     model = build_groupvit(to_container(gv.model))
     labeler = build_labeler(to_container(gv.labels), model.spec.context_length)
     ensure_coco_dataset(cfg.dataset)
-    run_dir = run_dir_of(cfg)
-    timer = StageTimer()
-    summary: dict[str, Any] = {"task": "train", "pipeline": "groupvit", "run_dir": str(run_dir)}
-    tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
-    with recorded_run(run_dir, summary, timer, tracker):
-        with timer.stage("data"):
+    with RunContext(cfg, "train") as run:
+        run_dir, tracker, summary = run.run_dir, run.tracker, run.summary
+        with run.stage("data"):
             data_report: dict[str, Any] = {}
             train_set, val_set = caption_datasets(cfg, labeler, data_report)
             summary["data"] = data_report
@@ -208,18 +205,17 @@ def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
             "components": list(gv.trainable),
         }
         checkpoint_dir = run_dir / "checkpoints"
-        trainer = build_trainer(
-            cfg, tracker, run_dir, checkpoint_dir, cfg.fit.monitor, cfg.fit.mode
-        )
+        trainer = build_trainer(cfg, run, checkpoint_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
         trainer.callbacks.append(EpochCaptions(train_set))
-        with timer.stage("fit"):
+        with run.stage("fit"):
             trainer.fit(module, _loader(train_set, cfg, True), _loader(val_set, cfg, False))
         best = trainer.checkpoint_callback.best_model_path or str(checkpoint_dir / "last.ckpt")
         summary["best_checkpoint"] = best
         summary["fit_metrics"] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1
         }
-        if not is_global_zero():  # DDP: every rank runs this function; one writes the files
+        summary["metrics"] = dict(summary["fit_metrics"])
+        if not run.is_global_zero:  # DDP: every rank runs this function; one writes the files
             return summary
         export = save_groupvit(load_groupvit(best, kind="vitlab"), run_dir / "groupvit.pt")
         summary["groupvit_checkpoint"] = str(export)
@@ -230,3 +226,6 @@ def train_groupvit(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_metrics({f"final/{k}": v for k, v in summary["fit_metrics"].items()})
     log.info("GroupViT checkpoint for segmentation: %s", summary.get("groupvit_checkpoint"))
     return summary
+
+
+PIPELINE = Pipeline("groupvit", validate=validate_groupvit, train=train_groupvit)

@@ -9,6 +9,7 @@ submission + official scores (held-out third always; official test when its trut
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import WeightedRandomSampler
 
 from vitlab.cache import directory_fingerprint, file_sha256
 from vitlab.config import (
-    ConfigError,
     instantiate_node,
     require_choice,
     require_positive,
-    set_extra_target_prefixes,
     to_container,
 )
+from vitlab.data.embedding_rows import Rows, RowsDataset, batch_loader
 from vitlab.data.fungiclef import (
     UNKNOWN,
     aggregate_by_observation,
@@ -43,10 +42,10 @@ from vitlab.data.missing_images import (
     check_missing_images,
     require_image_folder,
 )
-from vitlab.data.plantclef import DatasetFormatError
 from vitlab.data.shards import arrow_to_embeddings
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
 from vitlab.devices import require_accelerator
+from vitlab.errors import ConfigError, DatasetFormatError
 from vitlab.inference.fungiclef import (
     AVERAGES,
     TUNE_TRACKS,
@@ -61,70 +60,24 @@ from vitlab.metrics.fungiclef import (
     read_poison_list,
     write_fungiclef_submission,
 )
+from vitlab.pipelines.base import (
+    Pipeline,
+    RunContext,
+    RunSummary,
+    begin,
+    build_trainer,
+    ensure_generated,
+    numeric_metrics,
+)
 from vitlab.reports import embedding_map_png, per_class_f1, poison_confusion
-from vitlab.run import StageTimer, build_trainer, ensure_generated, run_dir_of
 from vitlab.safe_load import load_lightning_module
 from vitlab.stages.embed import embed_prepared
 from vitlab.stages.prepare import PrepareParams, prepare_images
 from vitlab.tasks.fungiclef import IGNORE, FungiClassifier
-from vitlab.tracking import RunTracker, recorded_run, write_json
+from vitlab.tracking import write_json
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("none", "val_distribution")
-
-
-@dataclass
-class Rows:
-    """Aligned per-image arrays of one subset of the data."""
-
-    frame: pd.DataFrame
-    embedding: np.ndarray
-    metadata: np.ndarray
-
-    def take(self, mask: np.ndarray) -> Rows:
-        return Rows(
-            self.frame[mask].reset_index(drop=True), self.embedding[mask], self.metadata[mask]
-        )
-
-
-class RowsDataset(Dataset):
-    def __init__(self, rows: Rows, targets: dict[str, np.ndarray]):
-        self.tensors = {
-            "embedding": torch.from_numpy(rows.embedding),
-            "metadata": torch.from_numpy(rows.metadata),
-            **{k: torch.from_numpy(v) for k, v in targets.items()},
-        }
-
-    def __len__(self) -> int:
-        return len(self.tensors["embedding"])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.tensors.items()}
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """A whole batch in one indexing per tensor (DataLoader uses this when present); the
-        per-row path would dominate the cost of training a head on embeddings."""
-        index = torch.as_tensor(indices)
-        return {k: v[index] for k, v in self.tensors.items()}
-
-
-def batch_loader(
-    dataset: RowsDataset,
-    batch_size: int,
-    shuffle: bool = False,
-    sampler: torch.utils.data.Sampler | None = None,
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        collate_fn=_already_batched,
-    )
-
-
-def _already_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return batch
 
 
 def validation_matching_weights(
@@ -235,8 +188,10 @@ def _test_truth(ds: DictConfig, test: pd.DataFrame | None) -> dict[int, int] | N
     return truth
 
 
-def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
-    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
+def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
+    """embed (cached) -> one head per fold -> ensemble -> open-set rule -> scores; `callbacks`
+    join every fold's Trainer (sweep.py's pruning)."""
+    begin(cfg)
     validate_fungiclef(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     backbone = instantiate_node(cfg.backbone, "backbone")
@@ -266,15 +221,14 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
     test_observations = (
         [] if test is None else sorted(int(i) for i in test["observationID"].unique())
     )
-    run_dir = run_dir_of(cfg)
-    timer = StageTimer()
-    summary: dict[str, Any] = {"task": "train", "pipeline": "fungiclef", "run_dir": str(run_dir)}
-    summary["missing_images"] = missing_report
-    if test is None:
-        summary["submission"] = None
-        summary["submission_note"] = f"no public-test CSV at {ds.test_csv} (dataset.test_csv)"
-    tracker = RunTracker(cfg.logger, run_dir, "train", cfg)
-    with recorded_run(run_dir, summary, timer, tracker):
+    no_test = {
+        "submission": None,
+        "submission_note": f"no public-test CSV at {ds.test_csv} (dataset.test_csv)",
+    }
+    with RunContext(
+        cfg, "train", missing_images=missing_report, **(no_test if test is None else {})
+    ) as run:
+        run_dir, tracker, summary = run.run_dir, run.tracker, run.summary
         key_parts = [
             file_sha256(ds.train_csv),
             file_sha256(ds.val_csv),
@@ -288,7 +242,7 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
             for name, report in missing_report.items()
             for image in report["missing_examples"]
         ]
-        with timer.stage("prepare"):
+        with run.stage("prepare"):
             prepared = prepare_images(
                 work,
                 key_parts,
@@ -300,7 +254,7 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
                     "missing_examples": missing_names[:REPORT_LIST_LIMIT],
                 },
             )
-        with timer.stage("embed"):
+        with run.stage("embed"):
             embedded = embed_prepared(
                 prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size, engine
             )
@@ -333,9 +287,9 @@ def train_fungiclef(cfg: DictConfig) -> dict[str, Any]:
         df21_rows.frame["split"] = split_df21(
             df21_rows.frame, cfg.dataset.n_folds, cfg.dataset.split_seed
         ).to_numpy()
-        with timer.stage("fit"):
-            folds = _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summary)
-        with timer.stage("predict"):
+        with run.stage("fit"):
+            folds = _fit_folds(cfg, data, df21_rows, encoder, poisonous, run, callbacks)
+        with run.stage("predict"):
             _ensemble_and_score(
                 cfg,
                 folds,
@@ -380,7 +334,8 @@ def _targets(
     return out
 
 
-def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summary):
+def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run: RunContext, callbacks):
+    summary = run.summary
     species_ids = _label_space(data["DF20"].frame, df21_rows.frame)
     index_of = {s: i for i, s in enumerate(species_ids)}
     vocab = {
@@ -436,8 +391,8 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run_dir, tracker, summa
             sampler = WeightedRandomSampler(weights, len(weights))
         loader = batch_loader(train_set, cfg.head.batch_size, shuffle=True, sampler=sampler)
         val_loader = batch_loader(RowsDataset(val_rows, val_t), 4096)
-        fold_dir = run_dir / "checkpoints" / name
-        trainer = build_trainer(cfg, tracker, run_dir, fold_dir, cfg.fit.monitor, cfg.fit.mode)
+        fold_dir = run.run_dir / "checkpoints" / name
+        trainer = build_trainer(cfg, run, fold_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
         trainer.fit(module, loader, val_loader)
         best = Path(trainer.checkpoint_callback.best_model_path or fold_dir / "last.ckpt")
         folds.append(FoldModel(name, load_lightning_module(FungiClassifier, best), best, val_rows))
@@ -520,6 +475,7 @@ def _ensemble_and_score(
             truth, dict(zip(obs_ids.tolist(), pred.tolist())), poisonous
         )
     summary["held_out_scores"] = results
+    summary.setdefault("metrics", {}).update(numeric_metrics(results, "held_out/"))
     _log_views(cfg, held_out, truth, obs_ids, pred, poisonous, run_dir, tracker, summary)
     tracker.log_metrics(
         {f"held_out/{k}": v for k, v in results["ensemble"].items() if v is not None}
@@ -547,6 +503,7 @@ def _ensemble_and_score(
         if test_truth is not None:
             scores = fungiclef_scores(test_truth, predictions, poisonous)
             summary["scores"] = scores
+            summary.setdefault("metrics", {}).update(numeric_metrics(scores, "test/"))
             write_json(run_dir / "scores.json", scores)
             tracker.log_metrics({f"test/{k}": v for k, v in scores.items() if v is not None})
             log.info("official test: %s", scores)
@@ -587,3 +544,6 @@ def _log_views(cfg, held_out: Rows, truth, obs_ids, pred, poisonous, run_dir, tr
     )
     if image is not None:
         tracker.log_image("embedding_map", image)
+
+
+PIPELINE = Pipeline("fungiclef", validate=validate_fungiclef, train=train_fungiclef)

@@ -1,0 +1,171 @@
+"""What every pipeline shares: the run skeleton (`RunContext`), the Trainer with vitlab's
+checkpoints, synthetic-data generation on first use, and the `Pipeline` contract the entry points
+(`train.py`, `infer.py`, `sweep.py`) dispatch on. No pipeline imports another pipeline."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
+from vitlab.config import instantiate_node, set_extra_target_prefixes, to_container
+from vitlab.data.synthetic.markers import ForeignFolderError, is_complete
+from vitlab.errors import ConfigError
+from vitlab.tracking import RunTracker, recorded_run, set_aside_previous
+
+log = logging.getLogger(__name__)
+
+RunSummary = dict[str, Any]
+"""What every pipeline returns (and writes as `summary.json`): `status`, `stage_seconds`,
+`metrics` (flat name -> number, holding the experiment's `optimized_metric`), `cache_keys` and
+the artifacts (paths) of the run, plus the pipeline's own reports."""
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+class RunContext:
+    """One run: its folder, stage timer, tracker (CSV + W&B) and `summary.json`, written
+    atomically with `status: running|completed|failed` (see `vitlab.tracking.recorded_run`).
+
+        with RunContext(cfg, "train") as run:
+            with run.stage("fit"):
+                ...
+            run.summary["metrics"] = {...}
+    """
+
+    def __init__(self, cfg: DictConfig, job_type: str, **summary: Any):
+        self.cfg = cfg
+        self.run_dir = run_dir_of(cfg)
+        self.timer = StageTimer()
+        self.summary: RunSummary = {
+            "task": job_type,
+            "pipeline": cfg.get("pipeline"),
+            "run_dir": str(self.run_dir),
+            **summary,
+        }
+        self.tracker = RunTracker(cfg.logger, self.run_dir, job_type, cfg)
+        self._record = recorded_run(self.run_dir, self.summary, self.timer, self.tracker)
+
+    def __enter__(self) -> RunContext:
+        self._record.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        return self._record.__exit__(*exc_info)
+
+    def stage(self, name: str):
+        return self.timer.stage(name)
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Rank 0 of a (possibly distributed) run: the one that writes files."""
+        return rank_zero_only.rank == 0
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    path = Path(cfg.paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def begin(cfg: DictConfig) -> None:
+    """What every pipeline does first, before validating: the `_target_` allow-list's extra
+    packages come from this run's config."""
+    set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
+
+
+def ensure_generated(dataset: DictConfig, generate, spec_type, what: str) -> None:
+    """Generate a synthetic dataset (`generate(root, spec_type(**dataset.synthetic))`) on first
+    use, or again when its spec changed; real datasets must exist. Only a new, empty or
+    generated folder is written: a user's folder is refused (ConfigError naming dataset.root)."""
+    synthetic = dataset.get("synthetic")
+    if synthetic:
+        spec = spec_type(**to_container(synthetic))
+        if not is_complete(dataset.root, spec):
+            log.info("generating synthetic %s data in %s", what, dataset.root)
+            try:
+                generate(dataset.root, spec)
+            except ForeignFolderError as err:
+                raise ConfigError(f"dataset.root={dataset.root}: {err}") from err
+    if not Path(dataset.root).is_dir():
+        raise ConfigError(f"dataset.root={dataset.root} is not a folder")
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run: RunContext,
+    checkpoint_dir: Path,
+    monitor: str,
+    mode: str,
+    callbacks: Sequence[pl.Callback] = (),
+) -> pl.Trainer:
+    """The configured Trainer with `best.ckpt` (best `monitor`, ties broken by
+    `fit.tie_breaker`), `last.ckpt` (the last epoch), early stopping on `monitor` and the
+    caller's `callbacks` (e.g. Optuna pruning from sweep.py), logging to the run's loggers."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    set_aside_previous(checkpoint_dir)  # this run owns best.ckpt / last.ckpt (never best-v1)
+    all_callbacks: list[pl.Callback] = [
+        BestCheckpoint(  # first: it is `trainer.checkpoint_callback`
+            dirpath=checkpoint_dir,
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            tie_breaker=cfg.fit.get("tie_breaker"),
+        ),
+        last_epoch_checkpoint(str(checkpoint_dir)),
+        *callbacks,
+    ]
+    if cfg.fit.early_stopping_patience:
+        all_callbacks.append(
+            EarlyStopping(monitor=monitor, mode=mode, patience=cfg.fit.early_stopping_patience)
+        )
+    return instantiate_node(
+        cfg.trainer,
+        "trainer",
+        callbacks=all_callbacks,
+        logger=run.tracker.loggers,
+        default_root_dir=str(run.run_dir),
+    )
+
+
+def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested score dicts to `a/b/c -> float` (what `RunSummary.metrics` holds)."""
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(numeric_metrics(value, f"{name}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A pipeline's entry points; `train(cfg, callbacks)` / `infer(cfg)` return a RunSummary."""
+
+    name: str
+    validate: Callable[[DictConfig], None]
+    train: Callable[..., RunSummary] | None = None
+    infer: Callable[[DictConfig], RunSummary] | None = None

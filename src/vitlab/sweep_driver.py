@@ -1,0 +1,289 @@
+"""The Optuna sweep driver behind `sweep.py` (see it for the command line).
+
+Composes the training config with Hydra's compose API, creates or resumes the study in the
+configured storage, and runs trials (each the pipeline's `train`, pruned from its per-epoch
+validation metric) until the study holds `sweep.n_trials` finished (complete or pruned) trials.
+Several processes pointed at the same storage share the study and finish `n_trials` in total.
+A trial left RUNNING by a killed worker is closed as FAIL and re-run with the same parameters
+(`vitlab.sweeps.fail_stale_trials`: at once for a dead process of this node, after
+`sweep.grace_period` seconds without heartbeat for another host). Writes `best_params.json` and
+`param_importance.png` to `<paths.root_dir>/sweeps/<study_name>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from vitlab.config import to_container
+from vitlab.data.shards import atomic_write_text
+from vitlab.errors import ConfigError
+from vitlab.sweeps import (
+    SUSPECT,
+    OptunaPruning,
+    StaleTrialPolicy,
+    TrialHeartbeat,
+    build_pruner,
+    build_sampler,
+    build_storage,
+    fail_stale_trials,
+    suggest_overrides,
+    trial_liveness,
+)
+from vitlab.tracking import use_wandb_mode
+
+log = logging.getLogger("vitlab.sweep")
+# the repository's configs (sweep.py passes its own folder)
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+STATES = optuna.trial.TrialState
+FINISHED = (STATES.COMPLETE, STATES.PRUNED)  # what counts towards sweep.n_trials
+
+
+def compose_trial(overrides: list[str], output_dir: Path) -> DictConfig:
+    cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a Hydra app: `${hydra:...}` resolves from HydraConfig
+    return cfg
+
+
+def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optuna.Study:
+    """Create or resume the study of `sweep=<name>` and run trials (each a pipeline's `train`,
+    with Optuna's pruning callback) until it holds `sweep.n_trials` finished trials."""
+    from vitlab.pipelines import get_pipeline
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        base = compose_trial(overrides, Path(os.getcwd()))
+        if base.get("sweep") is None:
+            raise ConfigError("sweep=<name> is required (a file in configs/sweep/)")
+        pipeline = get_pipeline(base.pipeline, "train")  # an unknown name fails before trial 0
+        spec = base.sweep
+        try:
+            policy = StaleTrialPolicy.from_spec(spec)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        sweep_dir = Path(base.paths.root_dir) / "sweeps" / spec.study_name
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        study = create_or_load_study(spec)
+
+        def objective(trial: optuna.Trial) -> float:
+            trial_overrides = suggest_overrides(trial, to_container(spec.params))
+            out = sweep_dir / f"trial_{trial.number:04d}"
+            cfg = compose_trial([*overrides, *trial_overrides], out)
+            with open_dict(cfg):
+                if cfg.logger and cfg.logger.get("wandb"):
+                    cfg.logger.wandb.group = spec.study_name  # one W&B group per study
+            same_way = (cfg.fit.mode == "max") == (spec.direction == "maximize")
+            pruning = OptunaPruning(trial, cfg.fit.monitor, 1.0 if same_way else -1.0)
+            start = time.perf_counter()
+            try:
+                summary = pipeline.train(cfg, callbacks=(pruning,))
+            finally:
+                # time inside the training run; wall_seconds - this = the sweep's own overhead
+                trial.set_user_attr("train_seconds", time.perf_counter() - start)
+            trial.set_user_attr("stage_seconds", summary.get("stage_seconds", {}))
+            if pruning.pruned:
+                raise optuna.TrialPruned()
+            value = summary.get("metrics", {}).get(cfg.optimized_metric)
+            if value is None:
+                known = sorted(summary.get("metrics", {}))
+                raise ConfigError(
+                    f"optimized_metric={cfg.optimized_metric!r}: the {cfg.pipeline} run reported "
+                    f"no such metric; it reports {known}"
+                )
+            return float(value)
+
+        while (step := next_step(study, spec.n_trials, policy)) != "done":
+            if step == "wait":
+                time.sleep(policy.heartbeat_interval)
+            else:
+                run_one_trial(study, objective, spec.n_trials, policy)
+        _write_results(study, sweep_dir, base)
+    return study
+
+
+def create_or_load_study(spec: DictConfig, attempts: int = 5) -> optuna.Study:
+    """Create or load the study. Workers started together can race to create the storage's
+    schema (SQLite: "UNIQUE constraint failed: alembic_version"); the loser retries."""
+    import random
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(
+                study_name=spec.study_name,
+                storage=build_storage(spec.storage),
+                sampler=build_sampler(to_container(spec.sampler)),
+                pruner=build_pruner(to_container(spec.pruner)),
+                direction=spec.direction,
+                load_if_exists=True,
+            )
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
+
+
+def next_step(study: optuna.Study, n_trials: int, policy: StaleTrialPolicy) -> str:
+    """`run` another trial, `wait` or `done`, after closing (and re-enqueuing) stale trials.
+
+    Only complete and pruned trials count towards `n_trials`. The study is done when it holds
+    `n_trials` of them, or when the trials running in live workers will bring it there. While a
+    running trial is suspect (its worker missed heartbeats, but not for `grace_period` yet) this
+    worker waits: the trial either finishes or becomes stale, is failed and this worker retries
+    it. Enqueued trials (retries) are always run: `run_one_trial` closes any beyond `n_trials`."""
+    fail_stale_trials(study, policy)
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in FINISHED for t in trials)
+    if finished >= n_trials:
+        return "done"
+    running = [t for t in trials if t.state == STATES.RUNNING]
+    if finished + len(running) < n_trials or any(t.state == STATES.WAITING for t in trials):
+        return "run"
+    suspect = [t.number for t in running if trial_liveness(t, policy) == SUSPECT]
+    if suspect:
+        log.info(
+            "waiting: trials %s missed heartbeats; failed after %ss", suspect, policy.grace_period
+        )
+        return "wait"
+    log.info("%d trials finished, %d running in other workers", finished, len(running))
+    return "done"
+
+
+def run_one_trial(
+    study: optuna.Study, objective, n_trials: int, policy: StaleTrialPolicy | None = None
+) -> bool:
+    """Ask for a trial (an enqueued retry first) and run it, unless the study already has
+    `n_trials` trials with smaller numbers that are running, enqueued or finished (trial numbers
+    come from the shared storage, so several workers never run more than `n_trials` in total);
+    such an excess trial is closed as FAIL with user attribute `excess` and not counted. While
+    it runs, the trial holds a lease (`TrialHeartbeat`). Returns False for an excess trial."""
+    trial = study.ask()
+    earlier = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number < trial.number and t.state != STATES.FAIL
+    ]
+    if len(earlier) >= n_trials:
+        trial.set_user_attr("excess", True)
+        study.tell(trial, state=STATES.FAIL)
+        return False
+    start = time.perf_counter()
+    state, value = STATES.COMPLETE, None
+    try:
+        with TrialHeartbeat(trial, policy or StaleTrialPolicy()):
+            value = objective(trial)
+    except optuna.TrialPruned:
+        state = STATES.PRUNED
+    except optuna.exceptions.UpdateFinishedTrialError:
+        _closed_elsewhere(trial)
+        return True
+    except Exception:
+        study.tell(trial, state=STATES.FAIL, skip_if_finished=True)
+        raise
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        _closed_elsewhere(trial)
+        return True
+    trial.set_user_attr("wall_seconds", time.perf_counter() - start)
+    study.tell(trial, value, state=state, skip_if_finished=True)
+    return True
+
+
+def _closed_elsewhere(trial: optuna.Trial) -> None:
+    log.warning(
+        "trial %d was closed as stale by another worker (no heartbeat for sweep.grace_period); "
+        "its result is dropped and its retry counts instead",
+        trial.number,
+    )
+
+
+def _write_results(study: optuna.Study, sweep_dir: Path, base: DictConfig) -> None:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        log.warning("no complete trial yet in study %s", study.study_name)
+        return
+    best = {
+        "study": study.study_name,
+        "value": study.best_value,
+        "params": study.best_params,
+        "trial": study.best_trial.number,
+        "states": {
+            s.name: len(study.get_trials(deepcopy=False, states=(s,)))
+            for s in optuna.trial.TrialState
+        },
+    }
+    atomic_write_text(sweep_dir / "best_params.json", json.dumps(best, indent=2))
+    log.info("best of %s: %s", study.study_name, best)
+    if len(complete) >= 2:
+        try:
+            importance = optuna.importance.get_param_importances(study)
+        except (ValueError, RuntimeError) as err:  # e.g. a parameter that never varied
+            log.warning("parameter importance not computed: %s", err)
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.barh(list(importance), list(importance.values()), color="tab:blue")
+        ax.set_xlabel("importance (fANOVA)")
+        ax.set_title(study.study_name)
+        fig.tight_layout()
+        # temp + rename: a reader (or another worker writing it) never sees half a PNG
+        image = sweep_dir / "param_importance.png"
+        tmp = image.with_name(f".{image.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            fig.savefig(tmp, dpi=100, format="png")
+            os.replace(tmp, image)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
+    _log_to_wandb(best, sweep_dir, base)
+
+
+def _log_to_wandb(best: dict[str, Any], sweep_dir: Path, base: DictConfig) -> None:
+    """The study's result as one W&B run in the study's group (when W&B is on)."""
+    wandb_cfg = base.logger.get("wandb") if base.logger else None
+    if not wandb_cfg or wandb_cfg.get("mode") == "disabled":
+        return
+    import wandb
+
+    use_wandb_mode(wandb_cfg.mode)  # offline: no network at all
+    run = wandb.init(
+        project=wandb_cfg.project,
+        entity=wandb_cfg.get("entity"),
+        group=best["study"],
+        job_type="sweep-summary",
+        mode=wandb_cfg.mode,
+        dir=str(sweep_dir),
+        config={"best_params": best["params"]},
+    )
+    run.summary.update(
+        {
+            "best_value": best["value"],
+            "best_trial": best["trial"],
+            **{f"trials/{k}": v for k, v in best["states"].items()},
+        }
+    )
+    image = sweep_dir / "param_importance.png"
+    if image.is_file():
+        run.log({"param_importance": wandb.Image(str(image))})
+    run.finish()
