@@ -300,6 +300,8 @@ def test_compare_cli_on_summaries_and_on_checkpoints(setup, capsys, tmp_path):
          "/no/root"),
         (["compare", "--summary-a", "/no/a.json", "--summary-b", "/no/b.json"], "/no/a.json"),
         (["compare", "--summary-a", "/no/a.json"], "--summary-b"),
+        (["entropy", "--ckpt", "CKPT", "--dataset", "synthetic_voc", "--root", "VOC",
+          "--device", "gpu"], "--device"),
     ],
 )  # fmt: skip
 def test_bad_inputs_exit_2_naming_the_culprit(setup, capsys, tmp_path, argv, culprit):

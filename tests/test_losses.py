@@ -387,3 +387,53 @@ def test_multitask_loss_names_missing_or_stray_weight():
         multitask_loss(outputs, targets, losses, {"species": 1.0})
     with pytest.raises(KeyError, match="family"):
         multitask_loss(outputs, targets, losses, {**dict(WEIGHTS), "family": 0.5})
+
+
+# --- the factory ----------------------------------------------------------------------------
+
+
+def test_build_loss_takes_counts_from_their_source():
+    from vitlab.errors import ConfigError
+    from vitlab.losses import LabelStats, build_loss
+
+    stats = LabelStats(4, class_counts=[5, 1, 7, 2], poisonous_classes=[1, 3])
+    seesaw = {"_target_": "vitlab.losses.SeesawLoss", "p": 0.8}
+    fixed = build_loss({**seesaw, "counts_from": "train"}, stats)
+    assert not fixed.accumulate and fixed.class_counts.tolist() == [5, 1, 7, 2]
+    assert build_loss({**seesaw, "counts_from": "batches"}, stats).accumulate
+    assert build_loss(seesaw, stats).accumulate  # seesaw's default source: the batches
+    poison = build_loss(
+        {"_target_": "vitlab.losses.SeesawPoisonLoss", "counts_from": "train"}, stats
+    )
+    assert poison.poisonous.tolist() == [False, True, False, True]
+    weighted = build_loss({"_target_": "vitlab.losses.WeightedCrossEntropy"}, stats)
+    torch.testing.assert_close(weighted.weight, inverse_frequency_weights([5, 1, 7, 2]))
+    assert isinstance(build_loss({"_target_": "torch.nn.NLLLoss"}, stats), torch.nn.NLLLoss)
+    with pytest.warns(FutureWarning, match="counts_from=batches"):  # the old key still reads
+        assert build_loss({**seesaw, "class_counts": "accumulate"}, stats).accumulate
+    for cfg, key in [
+        ({**seesaw, "counts_from": "epochs"}, "loss.counts_from"),
+        ({**seesaw, "class_counts": [1, 2, 3, 4]}, "loss.class_counts"),
+        (
+            {"_target_": "vitlab.losses.WeightedCrossEntropy", "counts_from": "batches"},
+            "counts_from",
+        ),
+        ({"_target_": "vitlab.losses.FocalLoss", "counts_from": "train"}, "takes no class counts"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            build_loss(cfg, stats)
+    with pytest.raises(ConfigError, match="poison list"):
+        build_loss({"_target_": "vitlab.losses.SeesawPoisonLoss"}, LabelStats(4, [1, 1, 1, 1]))
+    with pytest.raises(ConfigError, match="class counts"):
+        build_loss({**seesaw, "counts_from": "train"}, LabelStats(4))
+
+
+def test_nll_needs_log_probabilities():
+    from vitlab.errors import ConfigError
+    from vitlab.losses import check_loss_input
+
+    logits = torch.randn(3, 5)
+    check_loss_input({"_target_": "torch.nn.NLLLoss"}, torch.log_softmax(logits, -1))
+    check_loss_input({"_target_": "vitlab.losses.SeesawLoss"}, logits)
+    with pytest.raises(ConfigError, match="loss=nll expects log-probabilities"):
+        check_loss_input({"_target_": "torch.nn.NLLLoss"}, logits)

@@ -32,7 +32,9 @@ class CacheEntry:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("VITLAB_CACHE", Path.cwd() / ".cache" / "vitlab"))
+    """Where train.py caches (configs/paths: VITLAB_CACHE, else <VITLAB_ROOT or cwd>/.cache)."""
+    root = Path(os.environ.get("VITLAB_ROOT") or Path.cwd())
+    return Path(os.environ.get("VITLAB_CACHE") or root / ".cache" / "vitlab")
 
 
 def list_cache(cache_dir: Path) -> list[CacheEntry]:
@@ -72,6 +74,14 @@ def _describe(params: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `vitlab cache ls | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitlab")
     sub = parser.add_subparsers(dest="command", required=True)
     cache = sub.add_parser("cache", help="list or remove cached stage outputs")

@@ -33,15 +33,19 @@ from vitlab.analysis.groupvit import (
     BACKGROUND_SCORES,
     AnalysisError,
     compare_summaries,
-    evaluate_zero_shot,
     read_summary,
     run_alignment,
     run_entropy,
     run_knn,
 )
 from vitlab.data.segmentation import DATASETS, SegmentationDatasetSpec, dataset_samples
+from vitlab.devices import resolve_device
 from vitlab.errors import DatasetFormatError
-from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, CheckpointError
+from vitlab.models.groupvit.checkpoints import (
+    CHECKPOINT_KINDS,
+    CheckpointError,
+    resolve_checkpoint_source,
+)
 from vitlab.models.groupvit.text import EVAL_TEMPLATE
 
 TOOLS = ("knn", "alignment", "entropy", "compare")
@@ -199,36 +203,22 @@ def _spec(name: str) -> SegmentationDatasetSpec:
     return DATASETS[name]
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _looks_local(source: str, kind: str) -> bool:
-    """A path rather than a hub id ('owner/name')?"""
-    if kind in ("vitlab", "nvlabs"):
-        return True
-    return (
-        source.startswith(("/", ".", "~"))
-        or source.count("/") != 1
-        or Path(source).suffix in (".pt", ".pth", ".ckpt", ".bin")
-    )
-
-
 def _load_model(source: str, args: argparse.Namespace, flag: str):
     from vitlab.models.groupvit.checkpoints import load_groupvit
 
-    path = Path(source).expanduser()
-    if path.exists():
-        source = str(path)
-    elif _looks_local(source, args.checkpoint_kind):
-        raise AnalysisError(f"{flag}: checkpoint not found: {source}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise AnalysisError(f"--device: {err}") from err
+    try:
+        source = resolve_checkpoint_source(source, args.checkpoint_kind)
+    except CheckpointError as err:
+        raise AnalysisError(f"{flag}: {err}") from err
     overrides = {"logit_scale_max": args.logit_scale_max}
     model = load_groupvit(
         source, args.checkpoint_kind, overrides, args.trust_checkpoint, "--trust-checkpoint"
     )
-    return model.to(_device(args.device)).eval()
+    return model.to(device).eval()
 
 
 def _text(model, spec: SegmentationDatasetSpec, args: argparse.Namespace) -> torch.Tensor:
@@ -417,7 +407,7 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _evaluate_checkpoints(args: argparse.Namespace, out: Path) -> tuple[dict, dict]:
-    from vitlab.inference.segmentation import SegmentationSettings
+    from vitlab.inference.segmentation import SegmentationSettings, evaluate_zero_shot
 
     spec = _spec(args.dataset)
     samples = dataset_samples(spec.name, args.root, args.split, args.limit)
@@ -438,7 +428,9 @@ def _evaluate_checkpoints(args: argparse.Namespace, out: Path) -> tuple[dict, di
     results = []
     for flag, source, model in zip(("--ckpt-a", "--ckpt-b"), (args.ckpt_a, args.ckpt_b), models):
         text = _text(model, spec, args)
-        summary = evaluate_zero_shot(model, spec, samples, text, settings, f"segment {flag[2:]}")
+        summary = evaluate_zero_shot(
+            model, spec, samples, text, settings, desc=f"segment {flag[2:]}"
+        )
         summary.update(checkpoint=source, settings=settings.__dict__)
         results.append(_write(out, f"summary_{flag[-1]}", summary))
     return results[0], results[1]

@@ -36,7 +36,9 @@ Definitions (labels are the metric's class indices: `read_label_map(..., reduce=
   (GE's integrand); over labels = entropy of T_aff = Attn . softmax(scale * segments . text^T)
   over the dataset's prompt classes (LE's integrand, all classes, no top-k). Natural log; the
   maxima are log G and log K. Means are over patches of an image, then over images.
-- (d) Compare: difference = IoU(B) - IoU(A) per class (None when either is undefined).
+- (d) Compare: difference = IoU(B) - IoU(A) per class (None when either is undefined). On
+  checkpoints, each is scored by `vitlab.inference.segmentation.evaluate_zero_shot`, the very
+  loop of `infer.py pipeline=segmentation`.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,26 +57,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from vitlab.data.segmentation import (
-    SegmentationDatasetSpec,
-    SegmentationSample,
-    load_image,
-    read_label_map,
-)
-from vitlab.errors import DatasetFormatError
+from vitlab.data.segmentation import SegmentationDatasetSpec, SegmentationSample
 from vitlab.inference.segmentation import (
-    SegmentationSettings,
     add_background,
     group_class_scores,
     group_pixel_maps,
+    labelled_images,
     resize_short_side,
-    segment_image,
     to_normalised_tensor,
 )
 from vitlab.losses.entropy import entropy
 from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
 from vitlab.models.groupvit.model import GroupViT, patch_group_attention
-from vitlab.progress import progress
 
 BACKGROUND_SCORES = ("rule", "complement")
 
@@ -134,33 +128,6 @@ def encode_grouping(
 
 def _as_long(x: Any) -> Tensor:
     return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).long()
-
-
-def labelled_images(
-    samples: Sequence[SegmentationSample],
-    spec: SegmentationDatasetSpec,
-    desc: str,
-    skipped: list[str],
-    reduce: bool = True,
-) -> Iterator[tuple[SegmentationSample, Image.Image, np.ndarray]]:
-    """(sample, RGB image, label map) with a progress bar; undecodable images are skipped and
-    named in `skipped`. `reduce=True` gives metric class indices (reduce_zero_label applied)."""
-    with progress(len(samples), desc) as bar:
-        for sample in samples:
-            try:
-                image = load_image(sample.image_path)
-            except DatasetFormatError as err:
-                skipped.append(f"{sample.sample_id}: {err}")
-                bar.update(1)
-                continue
-            truth = read_label_map(sample.label_path, spec, reduce=reduce)
-            if truth.shape != (image.size[1], image.size[0]):
-                raise DatasetFormatError(
-                    f"{sample.label_path}: label map {truth.shape[::-1]} (WxH) does not match "
-                    f"image {image.size}"
-                )
-            yield sample, image, truth
-            bar.update(1)
 
 
 def _metric_block(accumulator: ConfusionMatrixAccumulator, names: Sequence[str]) -> dict:
@@ -578,25 +545,3 @@ def compare_summaries(
         "n_unchanged": sum(d == 0 for d in diffs),
         "per_class": per_class,
     }
-
-
-@torch.no_grad()
-def evaluate_zero_shot(
-    model: GroupViT,
-    spec: SegmentationDatasetSpec,
-    samples: Sequence[SegmentationSample],
-    text: Tensor,
-    settings: SegmentationSettings,
-    desc: str = "segment",
-) -> dict[str, Any]:
-    """The zero-shot evaluation of `infer.py pipeline=segmentation` (sliding window, background
-    rule), without its files: {miou, iou, pixel_accuracy, per_class, n_images, skipped}."""
-    accumulator = ConfusionMatrixAccumulator(**spec.metric_kwargs())
-    skipped: list[str] = []
-    for _, image, truth in labelled_images(samples, spec, desc, skipped, reduce=False):
-        accumulator.update(segment_image(model, image, text, settings), truth)
-    if accumulator.n_updates == 0:
-        raise AnalysisError("no image could be read")
-    result = accumulator.summary(list(spec.class_names))
-    result.update(dataset=spec.name, n_images=accumulator.n_updates, skipped=skipped)
-    return result

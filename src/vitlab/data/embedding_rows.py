@@ -28,9 +28,9 @@ class Rows:
 class RowsDataset(Dataset):
     def __init__(self, rows: Rows, targets: dict[str, np.ndarray]):
         self.tensors = {
-            "embedding": torch.from_numpy(rows.embedding),
-            "metadata": torch.from_numpy(rows.metadata),
-            **{k: torch.from_numpy(v) for k, v in targets.items()},
+            "embedding": _tensor(rows.embedding),
+            "metadata": _tensor(rows.metadata),
+            **{k: _tensor(v) for k, v in targets.items()},
         }
 
     def __len__(self) -> int:
@@ -63,3 +63,9 @@ def batch_loader(
 
 def _already_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """Shares memory with `array`; a read-only array (e.g. from Arrow) is copied first, as torch
+    cannot share it safely."""
+    return torch.from_numpy(np.require(array, requirements="W"))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vitlab.data.text_files import not_utf8_error
 from vitlab.errors import DatasetFormatError
 
 UNKNOWN = -1
@@ -60,7 +61,10 @@ def read_metadata(path: str | Path, labelled: bool = True) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DatasetFormatError(f"FungiCLEF metadata CSV not found: {path}")
-    frame = pd.read_csv(path, low_memory=False)
+    try:
+        frame = pd.read_csv(path, low_memory=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise not_utf8_error(path) from err
     required = REQUIRED_COLUMNS if labelled else REQUIRED_COLUMNS[:2]
     missing = [c for c in required if c not in frame.columns]
     if missing:

@@ -6,12 +6,19 @@ scores softmax(scale * cos(group, class text)), restricted to the top-k classes 
 image embedding (softmax over the kept classes, times the unmasked softmax); a pixel takes its
 group's scores; background where the best score < min(bg_threshold, the best group score).
 Crops of a sliding window are averaged, resized to the image, argmax.
+
+`evaluate_zero_shot` is THE evaluation loop over a dataset (mIoU, per-class IoU): both
+`infer.py pipeline=segmentation` and `python -m vitlab.analysis compare` run it; what a caller
+does with each image besides scoring it (overlays, prediction PNGs) goes in its `on_sample` hook.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +26,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from vitlab.data.segmentation import (
+    SegmentationDatasetSpec,
+    SegmentationSample,
+    load_image,
+    read_label_map,
+)
+from vitlab.errors import DatasetFormatError
+from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
 from vitlab.models.groupvit.model import GroupViT, patch_group_attention
 from vitlab.models.groupvit.text import EVAL_TEMPLATE, ClipTokenizer
+from vitlab.progress import progress
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -199,3 +217,86 @@ def segment_image(
 ) -> np.ndarray:
     """Label map [H0, W0] (0 = background when the dataset has one)."""
     return segment_logits(model, image, text, settings).argmax(dim=0).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- dataset loop
+
+SampleHook = Callable[[SegmentationSample, Image.Image, np.ndarray, np.ndarray], None]
+"""`on_sample(sample, image, prediction, truth)` after an image is scored: RGB image, [H, W]
+prediction in the metric's label space, RAW [H, W] label map (reduce_zero_label not applied)."""
+
+MAX_SKIPPED_LISTED = 50  # unreadable images named in a summary (all are counted)
+
+
+def labelled_images(
+    samples: Sequence[SegmentationSample],
+    spec: SegmentationDatasetSpec,
+    desc: str,
+    skipped: list[str],
+    reduce: bool = True,
+) -> Iterator[tuple[SegmentationSample, Image.Image, np.ndarray]]:
+    """(sample, RGB image, label map) with a progress bar; undecodable images are skipped and
+    named in `skipped`. `reduce=True` gives metric class indices (reduce_zero_label applied).
+    A label map whose size differs from its image is a DatasetFormatError naming the file."""
+    with progress(len(samples), desc) as bar:
+        for sample in samples:
+            try:
+                image = load_image(sample.image_path)
+            except DatasetFormatError as err:
+                skipped.append(f"{sample.sample_id}: {err}")
+                bar.update(1)
+                continue
+            truth = read_label_map(sample.label_path, spec, reduce=reduce)
+            if truth.shape != (image.size[1], image.size[0]):
+                raise DatasetFormatError(
+                    f"{sample.label_path}: label map {truth.shape[::-1]} (WxH) does not match "
+                    f"image {image.size}"
+                )
+            yield sample, image, truth
+            bar.update(1)
+
+
+@torch.no_grad()
+def evaluate_zero_shot(
+    model: GroupViT,
+    spec: SegmentationDatasetSpec,
+    samples: Sequence[SegmentationSample],
+    text: Tensor,
+    settings: SegmentationSettings,
+    *,
+    on_sample: SampleHook | None = None,
+    desc: str | None = None,
+) -> dict[str, Any]:
+    """Zero-shot segmentation of `samples` (sliding window, background rule) scored by a
+    streaming confusion matrix (mmseg convention, the dataset's reduce_zero_label).
+
+    `text`: [C, P] embeddings of `spec.prompt_names` (`class_text_embeddings`). Undecodable
+    images are skipped and counted; when none can be read: DatasetFormatError. Returns the
+    metric's summary (miou, iou, pixel_accuracy, per_class) with dataset, n_images,
+    skipped_images, skipped (the first MAX_SKIPPED_LISTED) and images_per_second."""
+    accumulator = ConfusionMatrixAccumulator(**spec.metric_kwargs())
+    skipped: list[str] = []
+    start = time.perf_counter()
+    images = labelled_images(samples, spec, desc or f"segment {spec.name}", skipped, reduce=False)
+    for sample, image, truth in images:
+        prediction = segment_image(model, image, text, settings)
+        accumulator.update(prediction, truth)
+        if on_sample is not None:
+            on_sample(sample, image, prediction, truth)
+    seconds = time.perf_counter() - start
+    if skipped:
+        log.warning("skipped %d unreadable image(s): %s", len(skipped), skipped[:5])
+    if accumulator.n_updates == 0:
+        raise DatasetFormatError(
+            f"{spec.name}: none of the {len(samples)} image(s) could be read"
+            + (f" (e.g. {skipped[0]})" if skipped else "")
+        )
+    result = accumulator.summary(list(spec.class_names))
+    result.update(
+        dataset=spec.name,
+        n_images=accumulator.n_updates,
+        skipped_images=len(skipped),
+        skipped=skipped[:MAX_SKIPPED_LISTED],
+        images_per_second=round(accumulator.n_updates / seconds, 3) if seconds > 0 else None,
+    )
+    return result

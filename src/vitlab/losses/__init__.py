@@ -1,4 +1,5 @@
-"""Losses for classification heads; Hydra targets such as `vitlab.losses.SeesawLoss`."""
+"""Losses for classification heads; Hydra targets such as `vitlab.losses.SeesawLoss`, and the
+one factory both classification LightningModules build them with (`build_loss`)."""
 
 from vitlab.losses.classification import (
     CrossEntropy,
@@ -16,8 +17,22 @@ from vitlab.losses.classification import (
     seesaw_factors,
     seesaw_loss,
 )
+from vitlab.losses.factory import (
+    COUNTS_FROM,
+    LOSS_INPUTS,
+    LabelStats,
+    LossInputs,
+    build_loss,
+    check_loss_input,
+)
 
 __all__ = [
+    "COUNTS_FROM",
+    "LOSS_INPUTS",
+    "LabelStats",
+    "LossInputs",
+    "build_loss",
+    "check_loss_input",
     "CrossEntropy",
     "FocalLoss",
     "MultitaskLoss",

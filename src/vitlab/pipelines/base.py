@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
 from vitlab.config import instantiate_node, set_extra_target_prefixes, to_container
-from vitlab.data.synthetic.markers import ForeignFolderError, is_complete
+from vitlab.data.synthetic.markers import ForeignFolderError, is_complete, require_claimable
 from vitlab.errors import ConfigError
 from vitlab.tracking import RunTracker, recorded_run, set_aside_previous
 
@@ -102,8 +102,9 @@ def ensure_generated(dataset: DictConfig, generate, spec_type, what: str) -> Non
     if synthetic:
         spec = spec_type(**to_container(synthetic))
         if not is_complete(dataset.root, spec):
-            log.info("generating synthetic %s data in %s", what, dataset.root)
             try:
+                require_claimable(dataset.root)  # a user's folder: refused before any log
+                log.info("generating synthetic %s data in %s", what, dataset.root)
                 generate(dataset.root, spec)
             except ForeignFolderError as err:
                 raise ConfigError(f"dataset.root={dataset.root}: {err}") from err

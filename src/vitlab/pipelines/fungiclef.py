@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import WeightedRandomSampler
 
@@ -54,6 +55,7 @@ from vitlab.inference.fungiclef import (
     softmax,
     tune_entropy_threshold,
 )
+from vitlab.losses import LabelStats, check_loss_input
 from vitlab.metrics.fungiclef import (
     fungiclef_scores,
     read_fungiclef_truth,
@@ -113,15 +115,66 @@ def validate_fungiclef(cfg: DictConfig) -> None:
         raise ConfigError(
             f"dataset.n_folds={n_folds!r} must be an integer >= 2 (the held-out third + folds)"
         )
-    target = str(OmegaConf.select(cfg, "loss._target_") or "")
-    if target.rsplit(".", 1)[-1] == "NLLLoss":  # same rule as PlantCLEF's, whose head can
-        raise ConfigError(  # end in log_softmax; the FungiCLEF heads cannot
-            "loss=nll expects log-probabilities, but the FungiCLEF heads (head=fungi_mlp|"
-            "fungi_transformer) output logits: use loss=ce (the same loss on logits), "
-            "weighted_ce, focal, seesaw or seesaw_poison"
-        )
     check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
     require_accelerator(cfg.get("trainer"))
+    check_head_and_loss(cfg)
+
+
+DUMMY_META_GROUPS = {"date": (0, 4), "geo": (4, 8), "substrate": (8, 12)}
+
+
+def check_head_and_loss(cfg: DictConfig) -> None:
+    """Build the fold LightningModule (head, loss, auxiliary outputs, optimiser, scheduler)
+    against dummy label statistics and run one dummy training step, so a `head=`/`loss=` that
+    cannot work here fails before any stage, naming the key. The embedding width is a stand-in
+    (the backbone's is known after embed): `head.model.heads` must still divide the real one."""
+    if not isinstance(cfg.head.get("model"), DictConfig) or "scheduler" not in cfg.head:
+        raise ConfigError(
+            f"head: pipeline=fungiclef needs a FungiCLEF head (head.model + head.scheduler): "
+            f"head=fungi_mlp|fungi_transformer, not {cfg.head.get('model', {}).get('_target_')}"
+        )
+    stats = LabelStats.dummy(poison_list=True)
+    width = 8 * int(cfg.head.model.get("heads") or 1)
+    aux_sizes = {"poisonous": 1, "genus": 2, "family": 2}
+    module = FungiClassifier(
+        head=to_container(cfg.head.model),
+        loss=to_container(cfg.loss),
+        embed_dim=width,
+        meta_groups=DUMMY_META_GROUPS,
+        species_ids=list(range(stats.num_classes)),
+        class_counts=list(stats.class_counts),
+        poisonous_classes=list(stats.poisonous_classes),
+        aux_sizes=aux_sizes,
+        aux_weights=to_container(cfg.aux_targets),
+        optimizer=cfg.head.optimizer,
+        lr=cfg.head.lr,
+        weight_decay=cfg.head.weight_decay,
+        scheduler=to_container(cfg.head.scheduler),
+        monitor=cfg.fit.monitor,
+        mode=cfg.fit.mode,
+    )
+    batch = {
+        "embedding": torch.randn(2, width),
+        "metadata": torch.randn(2, 12),
+        "species": torch.tensor([0, 1]),
+        "poisonous": torch.tensor([1, 0]),
+        "genus": torch.tensor([0, IGNORE]),
+        "family": torch.tensor([1, 0]),
+    }
+    try:
+        output = module(batch["embedding"], batch["metadata"])["species"]
+    except Exception as err:
+        raise ConfigError(
+            f"head.model._target_={cfg.head.model.get('_target_')} cannot take FungiCLEF "
+            f"embeddings + metadata ({err}): use head=fungi_mlp|fungi_transformer"
+        ) from err
+    check_loss_input(cfg.loss, output, "weighted_ce, focal, seesaw or seesaw_poison")
+    module.train()
+    module._losses(batch)
+    try:
+        module.configure_optimizers()
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def ensure_fungi_dataset(dataset: DictConfig) -> None:

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vitlab.config import (
@@ -31,6 +33,7 @@ from vitlab.data.plantclef import (
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
 from vitlab.devices import require_accelerator
 from vitlab.errors import ConfigError
+from vitlab.losses import LabelStats, check_loss_input
 from vitlab.metrics.plantclef import plantclef_scores
 from vitlab.pipelines.base import (
     Pipeline,
@@ -88,10 +91,50 @@ def validate(cfg: DictConfig) -> None:
     require_choice(cfg, "predict.tile_fit", TILE_FITS)
     require_accelerator(cfg.get("trainer"))
     check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
-    if "NLLLoss" in str(cfg.loss.get("_target_", "")) and not cfg.head.model.get("log_softmax"):
-        raise ConfigError(
-            "loss=nll expects log-probabilities: set head.model.log_softmax=true or use loss=ce"
+    instantiate_node(cfg.inference, "inference")
+    if cfg.predictor == "head":
+        check_head_and_loss(cfg)
+
+
+def check_head_and_loss(cfg: DictConfig) -> None:
+    """Build the LightningModule (head, loss, optimiser) against dummy label statistics and run
+    one dummy training step, so a `head=`/`loss=` that cannot work here fails before any stage,
+    naming the key. PlantCLEF has no poison list: `loss=seesaw_poison` is refused."""
+    stats = LabelStats.dummy()
+    try:
+        module = EmbeddingClassifier(
+            head=to_container(cfg.head.model),
+            loss=to_container(cfg.loss),
+            in_features=8,
+            species_ids=list(range(stats.num_classes)),
+            optimizer=cfg.head.optimizer,
+            lr=cfg.head.lr,
+            weight_decay=cfg.head.weight_decay,
+            class_counts=list(stats.class_counts),
         )
+    except ConfigError as err:
+        if not str(err).startswith("head.model"):
+            raise
+        raise ConfigError(
+            f"{err} (PlantCLEF heads take in_features and num_classes: head=linear)"
+        ) from err
+    x = torch.randn(2, 8)
+    try:
+        output = module.head(x)
+    except Exception as err:  # e.g. a FungiCLEF head, which also takes metadata
+        raise ConfigError(
+            f"head.model._target_={cfg.head.model.get('_target_')} cannot classify PlantCLEF "
+            f"embeddings (head(x) failed: {err}): use head=linear"
+        ) from err
+    if not isinstance(output, torch.Tensor) or output.shape != (2, stats.num_classes):
+        raise ConfigError(
+            f"head.model._target_={cfg.head.model.get('_target_')} must return a (batch, "
+            "classes) tensor for PlantCLEF: use head=linear"
+        )
+    check_loss_input(cfg.loss, output)
+    module.loss_fn.train()
+    module.loss_fn(output, torch.tensor([0, 1]))
+    module.configure_optimizers()
 
 
 def ensure_dataset(dataset: DictConfig) -> None:
@@ -179,6 +222,7 @@ def _fit(
         lr=cfg.head.lr,
         weight_decay=cfg.head.weight_decay,
         context=context,
+        class_counts=train_class_counts(splits),
     )
     has_val = splits.counts["val"] > 0
     monitor = cfg.fit.monitor if has_val else "train/loss"
@@ -193,6 +237,23 @@ def _fit(
     summary.setdefault("metrics", {}).update(result.metrics)
     run.tracker.log_metrics({f"final/{k}": v for k, v in result.metrics.items()})
     return result
+
+
+def train_class_counts(splits) -> list[int]:
+    """Training images per class index of the label map (`loss.counts_from=train`)."""
+    if not splits.streaming:
+        labels = splits.arrays["train"][1]
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(splits.shard_paths, columns=["species_id", "learn_tag"])
+        species = table.column("species_id").to_numpy()
+        train = np.asarray(table.column("learn_tag").to_pylist()) == "train"
+        index_of = {s: i for i, s in enumerate(splits.species_ids)}
+        labels = np.array(
+            [index_of[int(s)] for s in species[train] if int(s) in index_of], dtype=np.int64
+        )
+    return np.bincount(labels, minlength=len(splits.species_ids)).tolist()
 
 
 def _predict_and_score(
@@ -286,7 +347,14 @@ def load_head_module(checkpoint: Path) -> EmbeddingClassifier:
     `label_map.json` beside it."""
     if not checkpoint.is_file():
         raise ConfigError(f"ckpt_path={checkpoint} does not exist")
-    module = load_lightning_module(EmbeddingClassifier, checkpoint)
+    try:
+        module = load_lightning_module(EmbeddingClassifier, checkpoint)
+    except (TypeError, KeyError) as err:  # another module's hyperparameters (e.g. FungiCLEF's)
+        raise ConfigError(
+            f"ckpt_path={checkpoint} is not a PlantCLEF head checkpoint (the ones train.py "
+            f"writes with pipeline=plantclef): {err}. FungiCLEF fold checkpoints are scored by "
+            "their own run's ensemble; infer.py does not predict with them"
+        ) from err
     module.eval()
     label_map = read_label_map(checkpoint)
     if label_map is not None and label_map != module.species_ids:

@@ -1,15 +1,16 @@
 """Zero-shot segmentation behind `infer.py pipeline=segmentation`: config in, summary out.
 
 checkpoint (ours, NVlabs `.pth`, transformers dir / hub id) + dataset (VOC, Context, COCO-Object,
-ADE20K, synthetic VOC) -> class text embeddings -> per image: sliding-window zero-shot
-segmentation -> streaming confusion matrix -> mIoU, per-class IoU (CSV, bar chart, W&B table),
-overlays of a fixed sample of images, optional prediction PNGs for `python -m vitlab.metrics miou`.
+ADE20K, synthetic VOC) -> class text embeddings -> `inference.segmentation.evaluate_zero_shot`
+(per image: sliding-window zero-shot segmentation -> streaming confusion matrix) -> mIoU,
+per-class IoU (CSV, bar chart, W&B table). This module adds only the files: its `SampleOutputs`
+hook writes overlays of a fixed sample of images and optional prediction PNGs for
+`python -m vitlab.metrics miou`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +19,29 @@ import torch
 from omegaconf import DictConfig
 
 from vitlab.config import require_positive
-from vitlab.data.images import CorruptImageError, decode_image
 from vitlab.data.segmentation import (
     SegmentationDatasetSpec,
+    SegmentationSample,
     read_label_map,
     samples_from_config,
     spec_from_config,
 )
 from vitlab.data.voc import write_label_png
-from vitlab.errors import ConfigError, DatasetFormatError
+from vitlab.devices import resolve_device
+from vitlab.errors import ConfigError
 from vitlab.inference.segmentation import (
     SegmentationSettings,
     class_text_embeddings,
-    segment_image,
+    evaluate_zero_shot,
 )
-from vitlab.metrics.segmentation import ConfusionMatrixAccumulator
-from vitlab.models.groupvit.checkpoints import CHECKPOINT_KINDS, CheckpointError, load_groupvit
+from vitlab.models.groupvit.checkpoints import (
+    CHECKPOINT_KINDS,
+    CheckpointError,
+    load_groupvit,
+    resolve_checkpoint_source,
+)
 from vitlab.models.groupvit.model import GroupViT
 from vitlab.pipelines.base import Pipeline, RunContext, RunSummary, begin, numeric_metrics
-from vitlab.progress import progress
 from vitlab.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -73,20 +78,26 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
     overrides = {"logit_scale_max": cfg.segmentation.logit_scale_max}
     try:
         trust = bool(cfg.segmentation.get("trust_checkpoint", False))
+        source = resolve_checkpoint_source(source, kind)
         model = load_groupvit(
             source, kind, overrides, trust=trust, trust_key="segmentation.trust_checkpoint"
         ).eval()
     except CheckpointError as err:
         raise ConfigError(f"ckpt_path: {err}") from err
-    device = cfg.segmentation.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device)
+    return model.to(segmentation_device(cfg))
+
+
+def segmentation_device(cfg: DictConfig) -> torch.device:
+    try:
+        return resolve_device(cfg.segmentation.get("device", "auto"))
+    except ValueError as err:
+        raise ConfigError(f"segmentation.device: {err}") from err
 
 
 def validate_segmentation(cfg: DictConfig) -> None:
     require_positive(cfg, "segmentation.short_side", "segmentation.crop", "segmentation.stride")
     segmentation_settings(cfg.segmentation, spec_from_config(cfg.dataset))
+    segmentation_device(cfg)
 
 
 def evaluate_segmentation(cfg: DictConfig) -> RunSummary:
@@ -110,7 +121,10 @@ def evaluate_segmentation(cfg: DictConfig) -> RunSummary:
             # background gets no prompt: it is the channel the background rule fills
             text = class_text_embeddings(model, spec.prompt_names, list(cfg.segmentation.templates))
         with run.stage("segment"):
-            scores = evaluate_samples(model, text, samples, spec, settings, cfg, run_dir, tracker)
+            outputs = SampleOutputs.from_config(cfg.segmentation, samples, spec, run_dir, tracker)
+            scores = evaluate_zero_shot(model, spec, samples, text, settings, on_sample=outputs)
+            if outputs.prediction_dir is not None:
+                scores["predictions_dir"] = str(outputs.prediction_dir)
         summary.update(scores)
         summary["metrics"] = numeric_metrics(scores)
         _report(scores, spec, run_dir, tracker)
@@ -123,63 +137,43 @@ def evaluate_segmentation(cfg: DictConfig) -> RunSummary:
     return summary
 
 
-def evaluate_samples(
-    model: GroupViT,
-    text: torch.Tensor,
-    samples: list,
-    spec: SegmentationDatasetSpec,
-    settings: SegmentationSettings,
-    cfg: DictConfig,
-    run_dir: Path,
-    tracker: RunTracker,
-) -> dict[str, Any]:
-    """Segment every sample; accumulate the confusion matrix; write overlays/predictions."""
-    accumulator = ConfusionMatrixAccumulator(
-        len(spec.class_names), spec.ignore_index, spec.reduce_zero_label
-    )
-    seg = cfg.segmentation
-    overlay_ids = {s.sample_id for s in samples[: int(seg.overlays)]}
-    prediction_dir = run_dir / "predictions" if seg.save_predictions else None
-    if prediction_dir is not None:
-        prediction_dir.mkdir(parents=True, exist_ok=True)
-    skipped: list[str] = []
-    start = time.perf_counter()
-    with progress(len(samples), f"segment {spec.name}") as bar:
-        for sample in samples:
-            try:
-                image = decode_image(Path(sample.image_path))
-            except CorruptImageError as err:
-                skipped.append(f"{sample.sample_id}: {err}")
-                bar.update(1)
-                continue
-            truth = read_label_map(sample.label_path, spec)
-            if truth.shape != (image.size[1], image.size[0]):
-                raise DatasetFormatError(
-                    f"{sample.label_path}: label map {truth.shape[::-1]} (WxH) does not match "
-                    f"image {image.size}"
-                )
-            prediction = segment_image(model, image, text, settings)
-            accumulator.update(prediction, truth)
-            if prediction_dir is not None:
-                _write_prediction(prediction_dir / f"{sample.sample_id}.png", prediction)
-            if sample.sample_id in overlay_ids:  # truth in the predictions' label space
-                shown = read_label_map(sample.label_path, spec, reduce=True)
-                _overlay(image, prediction, shown, spec, run_dir, sample.sample_id, tracker)
-            bar.update(1)
-    seconds = time.perf_counter() - start
-    n_done = len(samples) - len(skipped)
-    if skipped:
-        log.warning("skipped %d unreadable image(s): %s", len(skipped), skipped[:5])
-    result = accumulator.summary(list(spec.class_names))
-    result.update(
-        n_images=n_done,
-        skipped_images=len(skipped),
-        skipped=skipped[:50],
-        images_per_second=round(n_done / seconds, 3) if seconds > 0 else None,
-    )
-    if prediction_dir is not None:
-        result["predictions_dir"] = str(prediction_dir)
-    return result
+class SampleOutputs:
+    """The pipeline's per-sample hook of `evaluate_zero_shot`: overlays (image | prediction |
+    truth) of the first `overlays` samples, logged to the tracker, and, with `prediction_dir`,
+    every prediction as a label PNG (for `python -m vitlab.metrics miou`)."""
+
+    def __init__(
+        self,
+        spec: SegmentationDatasetSpec,
+        run_dir: Path,
+        tracker: RunTracker,
+        overlay_ids: set[str],
+        prediction_dir: Path | None = None,
+    ) -> None:
+        self.spec, self.run_dir, self.tracker = spec, run_dir, tracker
+        self.overlay_ids = overlay_ids
+        self.prediction_dir = prediction_dir
+        if prediction_dir is not None:
+            prediction_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_config(
+        cls, seg_cfg: DictConfig, samples: list, spec, run_dir: Path, tracker: RunTracker
+    ) -> SampleOutputs:
+        overlay_ids = {s.sample_id for s in samples[: int(seg_cfg.overlays)]}
+        prediction_dir = run_dir / "predictions" if seg_cfg.save_predictions else None
+        return cls(spec, run_dir, tracker, overlay_ids, prediction_dir)
+
+    def __call__(
+        self, sample: SegmentationSample, image, prediction: np.ndarray, truth: np.ndarray
+    ) -> None:
+        if self.prediction_dir is not None:
+            _write_prediction(self.prediction_dir / f"{sample.sample_id}.png", prediction)
+        if sample.sample_id in self.overlay_ids:  # truth in the predictions' label space
+            shown = read_label_map(sample.label_path, self.spec, reduce=True)
+            _overlay(
+                image, prediction, shown, self.spec, self.run_dir, sample.sample_id, self.tracker
+            )
 
 
 def _write_prediction(path: Path, labels: np.ndarray) -> None:

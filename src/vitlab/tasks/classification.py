@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from vitlab.config import instantiate_node
+from vitlab.losses import LabelStats, build_loss
 from vitlab.metrics.classification import accuracy, macro_f1
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -28,7 +29,10 @@ class EmbeddingClassifier(pl.LightningModule):
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         context: dict[str, Any] | None = None,
+        class_counts: list[int] | None = None,
     ):
+        """`class_counts`: the training split's count per class index (for
+        `loss.counts_from=train`); None in checkpoints written before it was recorded."""
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"head.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
@@ -36,7 +40,7 @@ class EmbeddingClassifier(pl.LightningModule):
         self.head = instantiate_node(
             head, "head.model", in_features=in_features, num_classes=len(species_ids)
         )
-        self.loss_fn = instantiate_node(loss, "loss")
+        self.loss_fn = build_loss(loss, LabelStats(len(species_ids), class_counts))
         self.species_ids = list(species_ids)
         self._val_preds: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []

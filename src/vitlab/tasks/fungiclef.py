@@ -10,28 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.config import accepted_kwargs, instantiate_node
+from vitlab.losses import LabelStats, build_loss
 from vitlab.tasks.classification import OPTIMIZERS
 
 SCHEDULERS = ("none", "cosine_warm_restarts", "plateau")
 IGNORE = -100  # auxiliary target unknown for this row (e.g. the genus of an unknown species)
-
-
-def build_loss(
-    loss_cfg: dict[str, Any],
-    num_classes: int,
-    class_counts: list[int],
-    poisonous_classes: list[int],
-) -> torch.nn.Module:
-    """Instantiate the main loss. `class_counts: train` means the training set's counts (a fixed
-    prior); `accumulate` or absent lets seesaw accumulate counts over the batches it sees."""
-    cfg = dict(loss_cfg)
-    mode = cfg.pop("class_counts", None)
-    runtime = {"num_classes": num_classes, "poisonous_classes": poisonous_classes}
-    if mode == "train":
-        runtime["class_counts"] = class_counts
-    elif mode not in (None, "accumulate"):
-        raise ValueError(f"loss.class_counts={mode!r} is not one of ['train', 'accumulate']")
-    return instantiate_node(cfg, "loss", **accepted_kwargs(cfg["_target_"], **runtime))
 
 
 class FungiClassifier(pl.LightningModule):
@@ -70,7 +53,9 @@ class FungiClassifier(pl.LightningModule):
         self.head = instantiate_node(
             head, "head.model", **accepted_kwargs(head["_target_"], **runtime)
         )
-        self.loss_fn = build_loss(loss, len(species_ids), class_counts, poisonous_classes)
+        self.loss_fn = build_loss(
+            loss, LabelStats(len(species_ids), class_counts, poisonous_classes)
+        )
         self.aux_weights = {k: float(aux_weights[k]) for k in active_aux}
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 

@@ -362,8 +362,8 @@ def detect_checkpoint_kind(
     source: str | Path, trust: bool = False, trust_key: str = "trust_checkpoint"
 ) -> str:
     path = Path(source)
-    if not path.exists() and _looks_like_local_path(str(source)):
-        raise CheckpointError(f"checkpoint {source} does not exist")
+    if not path.exists() and is_local_checkpoint_path(source):
+        raise CheckpointError(f"checkpoint not found: {source}")
     if path.is_dir() or not path.exists():
         return "transformers"  # a saved directory or a hub id
     return _kind_of_payload(read_checkpoint_payload(path, trust, trust_key), path)
@@ -391,10 +391,38 @@ def _kind_of_payload(payload: Any, path: Path) -> str:
     )
 
 
-def _looks_like_local_path(source: str) -> bool:
-    """Hub ids look like `org/name`; files end in a checkpoint suffix or are absolute/relative."""
-    suffixes = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
-    return source.endswith(suffixes) or source.startswith(("/", "./", "../", "~"))
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+
+
+def is_local_checkpoint_path(source: str | Path, kind: str = "auto") -> bool:
+    """Does `source` name a file or folder on this machine rather than a hub id? (A missing
+    local path is then "not found", never a hub lookup.) The one rule every loader uses:
+
+    - kinds `vitlab` and `nvlabs` are always files;
+    - a path starting with `/`, `.` or `~`, or ending in a checkpoint suffix
+      (.pt .pth .ckpt .bin .safetensors), is local;
+    - anything not shaped like a hub id (`name` or `owner/name` of letters, digits, `_ . -`;
+      e.g. `a/b/c`, `C:\\x`) is local;
+    - the rest (`nvidia/groupvit-gcc-yfcc`) is a hub id.
+    """
+    if kind in ("vitlab", "nvlabs"):
+        return True
+    text = str(source)
+    if text.startswith(("/", ".", "~")) or text.lower().endswith(CHECKPOINT_SUFFIXES):
+        return True
+    return _HUB_ID.fullmatch(text) is None
+
+
+def resolve_checkpoint_source(source: str | Path, kind: str = "auto") -> str:
+    """`source` with `~` expanded when that path exists; CheckpointError "checkpoint not found"
+    when it is a local path (`is_local_checkpoint_path`) that does not exist; a hub id as is."""
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        return str(path)
+    if is_local_checkpoint_path(source, kind):
+        raise CheckpointError(f"checkpoint not found: {source}")
+    return str(source)
 
 
 def load_groupvit(
