@@ -3,7 +3,6 @@ from pathlib import Path
 import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from tests.conftest import CONFIG_DIR, compose_config
 from vitlab.config import instantiate_node
@@ -40,7 +39,12 @@ def test_every_experiment_composes_and_validates(experiment, tmp_path):
     overrides = [f"experiment={experiment}"]
     if OmegaConf.is_missing(cfg.dataset, "root"):
         overrides.append(REAL_DATA[0])
-    if "checkpoint_path" in cfg.backbone and OmegaConf.is_missing(cfg.backbone, "checkpoint_path"):
+    backbone = cfg.get("backbone")  # GroupViT composes no backbone group
+    if (
+        backbone
+        and "checkpoint_path" in backbone.keys()  # `in backbone` is False for ???
+        and OmegaConf.is_missing(backbone, "checkpoint_path")
+    ):
         overrides.append(REAL_DATA[1])
     cfg = compose_config("train", overrides, tmp_path)
     _resolve_all(cfg)
@@ -105,7 +109,16 @@ def test_unknown_group_option_lists_choices(tmp_path):
 
 def test_real_dataset_needs_root(tmp_path):
     cfg = compose_config("train", ["dataset=plantclef"], tmp_path)
-    with pytest.raises(MissingMandatoryValue, match="dataset.root"):
+    with pytest.raises(ConfigError, match=r"dataset\.root is not set .*dataset\.root=/path"):
+        train(cfg)
+
+
+def test_mandatory_backbone_keys_are_named(tmp_path):
+    cfg = compose_config("train", ["backbone=timm"], tmp_path)
+    with pytest.raises(ConfigError, match=r"backbone\.name is not set .*backbone\.name=vit"):
+        train(cfg)
+    cfg = compose_config("train", ["backbone=plantnet_dinov2_finetuned"], tmp_path)
+    with pytest.raises(ConfigError, match=r"backbone\.checkpoint_path is not set"):
         train(cfg)
 
 
@@ -123,3 +136,35 @@ def test_sweep_config_composes(tmp_path):
     assert cfg.sweep.study_name == "quickstart_plantclef_head"
     assert cfg.sweep.storage.startswith("sqlite:///")
     assert set(cfg.sweep.params) >= {"head.lr", "head.weight_decay"}
+
+
+@pytest.mark.parametrize(
+    "overrides, pipeline, own_keys",
+    [
+        ([], "plantclef", {"predictor", "predict"}),
+        (["pipeline=fungiclef"], "fungiclef", {"aux_targets", "sampler", "report", "ensemble"}),
+        (
+            ["experiment=quickstart_fungiclef"],
+            "fungiclef",
+            {"aux_targets", "sampler", "report", "ensemble"},
+        ),
+        (["experiment=quickstart_groupvit"], "groupvit", {"groupvit"}),
+    ],
+)
+def test_pipeline_group_brings_only_its_own_keys(overrides, pipeline, own_keys, tmp_path):
+    """configs/pipeline/<name>.yaml sets `pipeline` and that pipeline's keys; no other
+    pipeline's keys are composed (GroupViT composes none of the embedding pipelines' groups)."""
+    cfg = compose_config("train", overrides, tmp_path)
+    assert cfg.pipeline == pipeline
+    others = {"predictor", "predict", "aux_targets", "sampler", "report", "ensemble", "groupvit"}
+    assert own_keys <= set(cfg) and not (others - own_keys) & set(cfg)
+    if pipeline == "groupvit":
+        embedding_groups = {"backbone", "features", "head", "loss", "inference", "engine"}
+        assert not embedding_groups & set(cfg)
+
+
+@pytest.mark.parametrize("override", ["pipeline=segmentation", "task=segmentation"])
+def test_infer_selects_segmentation_by_pipeline_or_its_older_name_task(override, tmp_path):
+    cfg = compose_config("infer", [override], tmp_path)
+    assert cfg.pipeline == "segmentation" and "predictor" not in cfg
+    assert cfg.segmentation.crop == 448

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.special import softmax
 
 from tests.conftest import compose_config
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
@@ -12,7 +13,6 @@ from vitlab.inference.fungiclef import (
     ensemble_probabilities,
     entropy,
     predict_with_open_set,
-    softmax,
     tune_entropy_threshold,
 )
 from vitlab.metrics.fungiclef import read_fungiclef_csv
@@ -24,9 +24,11 @@ def test_ensemble_averages():
     a = np.array([[2.0, 0.0], [0.0, 1.0]])
     b = np.array([[0.0, 2.0], [0.0, 3.0]])
     np.testing.assert_allclose(
-        ensemble_probabilities([a, b], "probs"), (softmax(a) + softmax(b)) / 2
+        ensemble_probabilities([a, b], "probs"), (softmax(a, axis=1) + softmax(b, axis=1)) / 2
     )
-    np.testing.assert_allclose(ensemble_probabilities([a, b], "logits"), softmax((a + b) / 2))
+    np.testing.assert_allclose(
+        ensemble_probabilities([a, b], "logits"), softmax((a + b) / 2, axis=1)
+    )
     with pytest.raises(ValueError, match="ensemble.average"):
         ensemble_probabilities([a], "votes")
 
@@ -53,11 +55,15 @@ def test_validation_matching_sampler_weights():
 @pytest.mark.parametrize("head_cls", [MetadataMLPHead, MetadataTransformerHead])
 def test_heads_shapes_and_metadata_switch(head_cls):
     groups = {"date": (0, 4), "geo": (4, 8), "substrate": (8, 12)}
-    kwargs = dict(embed_dim=16, num_classes=5, hidden=32, aux_outputs={"poisonous": 1, "genus": 3})
-    if head_cls is MetadataMLPHead:
-        kwargs["meta_dim"] = 12
-    else:
-        kwargs.update(meta_groups=groups, heads=4, layers=1)
+    kwargs = dict(
+        embed_dim=16,
+        meta_groups=groups,
+        num_classes=5,
+        hidden=32,
+        aux_outputs={"poisonous": 1, "genus": 3},
+    )
+    if head_cls is MetadataTransformerHead:
+        kwargs.update(heads=4, layers=1)
     head = head_cls(**kwargs).eval()
     emb, meta = torch.randn(2, 16), torch.randn(2, 12)
     out = head(emb, meta)

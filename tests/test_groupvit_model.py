@@ -124,9 +124,17 @@ def test_transformers_state_dict_with_wrong_shapes_is_refused():
 
 
 def test_vitlab_checkpoint_round_trip(tmp_path):
-    model = GroupViT(tiny_spec(logit_scale_max=50.0)).eval()
+    model = GroupViT(tiny_spec(), logit_scale_max=50.0).eval()
     loaded = load_groupvit(save_groupvit(model, tmp_path / "m.pt"))
     assert loaded.spec == model.spec
+    assert "logit_scale_max" not in model.spec.to_dict()  # a runtime setting, not architecture
+    assert loaded.logit_scale_max == 100.0
+    clamp = {"logit_scale_max": None}
+    assert load_groupvit(tmp_path / "m.pt", spec_overrides=clamp).logit_scale_max is None
+    # a checkpoint written when the clamp was in the spec keeps its clamp
+    legacy = {"groupvit_spec": {**model.spec.to_dict(), "logit_scale_max": 50.0}}
+    torch.save({**legacy, "state_dict": model.state_dict()}, tmp_path / "old.pt")
+    assert load_groupvit(tmp_path / "old.pt").logit_scale_max == 50.0
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
 
@@ -179,7 +187,7 @@ def test_logit_scale_is_clamped_at_100_unless_disabled():
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1000.0))
     assert model.scale().item() == pytest.approx(100.0)
-    unclamped = GroupViT(tiny_spec(logit_scale_max=None))
+    unclamped = GroupViT(tiny_spec(), logit_scale_max=None)
     with torch.no_grad():
         unclamped.logit_scale.fill_(math.log(1000.0))
     assert unclamped.scale().item() == pytest.approx(1000.0, rel=1e-5)

@@ -6,16 +6,13 @@ from omegaconf import OmegaConf
 
 from vitlab.config import instantiate_node
 from vitlab.losses import (
-    CrossEntropy,
     FocalLoss,
-    MultitaskLoss,
     SeesawLoss,
     SeesawPoisonLoss,
     WeightedCrossEntropy,
     cross_entropy,
     focal_loss,
     inverse_frequency_weights,
-    multitask_loss,
     poison_logit,
     seesaw_factors,
     seesaw_loss,
@@ -58,13 +55,12 @@ def _t(x, dtype=torch.float64):
 # --- cross-entropy and class weights ---------------------------------------------------------
 
 
-def test_cross_entropy_module_matches_torch():
+def test_cross_entropy_matches_torch():
     z, y = (
         torch.randn(6, 4, generator=torch.Generator().manual_seed(0)),
         torch.tensor([0, 1, 3] * 2),
     )
-    assert torch.allclose(CrossEntropy()(z, y), F.cross_entropy(z, y))
-    smoothed = CrossEntropy(label_smoothing=0.1)(z, y)
+    smoothed = cross_entropy(z, y, label_smoothing=0.1)
     assert torch.allclose(smoothed, F.cross_entropy(z, y, label_smoothing=0.1))
     assert torch.allclose(cross_entropy(z, y), F.cross_entropy(z, y))
 
@@ -335,58 +331,6 @@ def test_losses_instantiate_from_yaml_lists():
         OmegaConf.create({"_target_": "vitlab.losses.FocalLoss", "alpha": [1.0, 2.0]}), "loss"
     )
     assert focal.alpha.tolist() == [1.0, 2.0]
-
-
-# --- multitask ------------------------------------------------------------------------------
-
-
-WEIGHTS = {"species": 1.0, "genus": 0.25}
-
-
-def _heads():
-    gen = torch.Generator().manual_seed(6)
-    outputs = {
-        "species": torch.randn(5, 7, generator=gen),
-        "genus": torch.randn(5, 3, generator=gen),
-    }
-    targets = {"species": torch.tensor([0, 6, 2, 2, 1]), "genus": torch.tensor([0, 2, 1, 1, 0])}
-    return outputs, targets
-
-
-def test_multitask_loss_is_weighted_sum():
-    outputs, targets = _heads()
-    losses = {"species": CrossEntropy(), "genus": F.cross_entropy}
-    total = multitask_loss(outputs, targets, losses, WEIGHTS)
-    expected = F.cross_entropy(outputs["species"], targets["species"]) + 0.25 * F.cross_entropy(
-        outputs["genus"], targets["genus"]
-    )
-    torch.testing.assert_close(total, expected)
-    module = MultitaskLoss({"species": CrossEntropy(), "genus": CrossEntropy()}, dict(WEIGHTS))
-    torch.testing.assert_close(module(outputs, targets), expected)
-
-
-@pytest.mark.parametrize(
-    "drop, match",
-    [
-        ("outputs", "'genus' has no entry in outputs"),
-        ("targets", "'genus' has no entry in targets"),
-    ],
-)
-def test_multitask_loss_names_missing_key(drop, match):
-    outputs, targets = _heads()
-    {"outputs": outputs, "targets": targets}[drop].pop("genus")
-    losses = {"species": CrossEntropy(), "genus": CrossEntropy()}
-    with pytest.raises(KeyError, match=match):
-        multitask_loss(outputs, targets, losses, dict(WEIGHTS))
-
-
-def test_multitask_loss_names_missing_or_stray_weight():
-    outputs, targets = _heads()
-    losses = {"species": CrossEntropy(), "genus": CrossEntropy()}
-    with pytest.raises(KeyError, match="'genus' has no entry in weights"):
-        multitask_loss(outputs, targets, losses, {"species": 1.0})
-    with pytest.raises(KeyError, match="family"):
-        multitask_loss(outputs, targets, losses, {**dict(WEIGHTS), "family": 0.5})
 
 
 # --- the factory ----------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -110,16 +109,25 @@ def require_positive(cfg: DictConfig, *keys: str) -> None:
             raise ConfigError(f"{key} must be a positive number, got {value!r}")
 
 
-def accepted_kwargs(target: str, **candidates: Any) -> dict[str, Any]:
-    """The subset of `candidates` that the `_target_` callable accepts (runtime values such as
-    num_classes or class counts that only some heads/losses take)."""
-    from hydra.utils import get_method
+SET_HINTS = {
+    "dataset.root": "the dataset folder in its official layout (dataset.root=/path/to/data)",
+    "backbone.name": "a timm model name (backbone.name=vit_base_patch14_dinov2.lvd142m)",
+    "backbone.checkpoint_path": "the checkpoint file (backbone.checkpoint_path=/path/model.pth)",
+}
+"""What to set for the `???` keys of the shipped configs, named in `require_set`'s error."""
 
-    check_targets({"_target_": target}, "accepted_kwargs")  # before importing its module
-    try:
-        params = inspect.signature(get_method(target)).parameters
-    except (ValueError, TypeError, ImportError) as err:
-        raise ConfigError(f"cannot inspect {target}: {err}") from err
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return candidates
-    return {k: v for k, v in candidates.items() if k in params}
+
+def require_set(cfg: DictConfig, *keys: str) -> None:
+    """A ConfigError naming the first of `keys` that the config leaves `???` (mandatory, not
+    set), and what to set, instead of OmegaConf's MissingMandatoryValue at first access. Keys
+    absent from this composition (e.g. `backbone.checkpoint_path` of a hub backbone) pass."""
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if (
+            isinstance(node, DictConfig)
+            and leaf in node.keys()
+            and OmegaConf.is_missing(node, leaf)
+        ):
+            hint = SET_HINTS.get(key, f"a value on the command line ({key}=...)")
+            raise ConfigError(f"{key} is not set (??? in its config): set {hint}")

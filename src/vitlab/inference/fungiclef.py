@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+from scipy.special import softmax
 
 from vitlab.data.fungiclef import UNKNOWN
 from vitlab.metrics.fungiclef import track1, track2, track3, track4
@@ -14,12 +15,6 @@ AVERAGES = ("probs", "logits")
 # Track 1 + Track 2 carries both the classification error and the poison cost
 TUNE_TRACKS = (1, 2, 3, 4)
 DEFAULT_TUNE_TRACK = 3
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def ensemble_probabilities(
@@ -32,8 +27,8 @@ def ensemble_probabilities(
     if not logits_per_model:
         raise ValueError("ensemble of no model")
     if average == "logits":
-        return softmax(np.mean(logits_per_model, axis=0))
-    return np.mean([softmax(z) for z in logits_per_model], axis=0)
+        return softmax(np.mean(logits_per_model, axis=0), axis=1)
+    return np.mean([softmax(z, axis=1) for z in logits_per_model], axis=0)
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Classification losses for long-tailed species data (FungiCLEF): plain, class-weighted and
-focal cross-entropy, seesaw, seesaw + poisonousness BCE, and a weighted sum for auxiliary heads.
+focal cross-entropy, seesaw, and seesaw + poisonousness BCE. (The weighted sum over auxiliary
+heads lives in `FungiClassifier`, which logs each term.)
 
 Each loss is a pure function plus a thin `nn.Module` whose constructor takes plain values
 (ints, floats, lists), so Hydra can build it from YAML. Modules take `(logits, target)` with
@@ -9,14 +10,12 @@ Each loss is a pure function plus a thin `nn.Module` whose constructor takes pla
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _as_tensor(values: Sequence[float] | np.ndarray | Tensor, dtype: torch.dtype) -> Tensor:
@@ -35,15 +34,6 @@ def cross_entropy(
 ) -> Tensor:
     """Softmax cross-entropy; with `weight` the mean is sum(w_y·l) / sum(w_y), as in torch."""
     return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
-
-
-class CrossEntropy(nn.Module):
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = float(label_smoothing)
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
 
 def inverse_frequency_weights(
@@ -260,43 +250,3 @@ class SeesawPoisonLoss(SeesawLoss):
         if self.alpha == 0:
             return loss
         return loss + self.alpha * poison_bce(logits, target, self.poisonous)
-
-
-# --- auxiliary targets ---------------------------------------------------------------------------
-
-
-def multitask_loss(
-    outputs: Mapping[str, Tensor],
-    targets: Mapping[str, Tensor],
-    losses: Mapping[str, LossFn],
-    weights: Mapping[str, float],
-) -> Tensor:
-    """sum_k weights[k]·losses[k](outputs[k], targets[k]) over the keys of `losses` (e.g.
-    species, genus, family, poisonous heads). A key missing from outputs, targets or weights,
-    or a weight without a loss, is an error naming the key: a silent 0 would hide a typo."""
-    stray = sorted(set(weights) - set(losses))
-    if stray:
-        raise KeyError(f"weights has keys without a loss: {stray}")
-    total: Tensor | None = None
-    for key, fn in losses.items():
-        for name, mapping in (("outputs", outputs), ("targets", targets), ("weights", weights)):
-            if key not in mapping:
-                raise KeyError(f"loss {key!r} has no entry in {name} (keys: {sorted(mapping)})")
-        term = weights[key] * fn(outputs[key], targets[key])
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("multitask_loss needs at least one loss")
-    return total
-
-
-class MultitaskLoss(nn.Module):
-    """`multitask_loss` over dicts; the per-head losses are submodules, so buffers such as
-    seesaw counts follow the model's device, mode and checkpoints."""
-
-    def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, float]):
-        super().__init__()
-        self.losses = nn.ModuleDict(dict(losses))
-        self.weights = {str(k): float(v) for k, v in weights.items()}
-
-    def forward(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
-        return multitask_loss(outputs, targets, dict(self.losses), self.weights)

@@ -63,7 +63,6 @@ class LossInputs:
 LOSS_INPUTS: dict[str, LossInputs] = {
     "torch.nn.NLLLoss": LossInputs(expects="log_probs"),
     "torch.nn.CrossEntropyLoss": LossInputs(),
-    "vitlab.losses.CrossEntropy": LossInputs(),
     "vitlab.losses.FocalLoss": LossInputs(),
     "vitlab.losses.WeightedCrossEntropy": LossInputs(counts=("train",)),
     "vitlab.losses.SeesawLoss": LossInputs(num_classes=True, counts=("batches", "train")),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import nn
 
@@ -43,14 +45,23 @@ class MultiTargetOutputs(nn.Module):
         return {name: layer(features) for name, layer in self.outputs.items()}
 
 
+def metadata_width(meta_groups: Mapping[str, Sequence[int]]) -> int:
+    """Columns of the encoded metadata: the end of its last `(start, end)` group."""
+    return max((int(end) for _, end in meta_groups.values()), default=0)
+
+
 class MetadataMLPHead(nn.Module):
     """FungiCLEF MLP head: [image embedding, encoded metadata] -> hidden (4096 in the paper)
-    -> species logits (+ auxiliary outputs). `use_metadata=False` ignores the metadata."""
+    -> species logits (+ auxiliary outputs). `use_metadata=False` ignores the metadata.
+
+    Every FungiCLEF head takes the same runtime arguments from `FungiClassifier`:
+    `embed_dim`, `meta_groups` (name -> (start, end) columns of the metadata), `num_classes`
+    and `aux_outputs`; its YAML (`head.model`) sets the rest."""
 
     def __init__(
         self,
         embed_dim: int,
-        meta_dim: int,
+        meta_groups: Mapping[str, Sequence[int]],
         num_classes: int,
         hidden: int = 4096,
         dropout: float = 0.1,
@@ -59,7 +70,7 @@ class MetadataMLPHead(nn.Module):
     ):
         super().__init__()
         self.use_metadata = use_metadata
-        in_features = embed_dim + (meta_dim if use_metadata else 0)
+        in_features = embed_dim + (metadata_width(meta_groups) if use_metadata else 0)
         self.trunk = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(dropout))
         self.outputs = MultiTargetOutputs(hidden, num_classes, aux_outputs)
 
@@ -71,12 +82,13 @@ class MetadataMLPHead(nn.Module):
 class MetadataTransformerHead(nn.Module):
     """FungiCLEF transformer head: each metadata group (date, geo, substrate) is projected by
     its own MLP to the embedding width and stacked with the image embedding as tokens; a
-    TransformerEncoder mixes them and the first (image) token feeds an MLP head."""
+    TransformerEncoder mixes them and the first (image) token feeds an MLP head. Same runtime
+    arguments as `MetadataMLPHead`."""
 
     def __init__(
         self,
         embed_dim: int,
-        meta_groups: dict[str, tuple[int, int]],
+        meta_groups: Mapping[str, Sequence[int]],
         num_classes: int,
         layers: int = 4,
         heads: int = 8,

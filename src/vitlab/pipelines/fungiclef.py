@@ -19,6 +19,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from scipy.special import softmax
 from torch.utils.data import WeightedRandomSampler
 
 from vitlab.cache import directory_fingerprint, file_sha256
@@ -26,6 +27,7 @@ from vitlab.config import (
     instantiate_node,
     require_choice,
     require_positive,
+    require_set,
     to_container,
 )
 from vitlab.data.embedding_rows import Rows, RowsDataset, batch_loader
@@ -52,7 +54,6 @@ from vitlab.inference.fungiclef import (
     TUNE_TRACKS,
     ensemble_probabilities,
     predict_with_open_set,
-    softmax,
     tune_entropy_threshold,
 )
 from vitlab.losses import LabelStats, check_loss_input
@@ -97,6 +98,7 @@ def validation_matching_weights(
 
 def validate_fungiclef(cfg: DictConfig) -> None:
     """Checks that need no work, naming the key and the allowed values."""
+    require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
     require_choice(cfg, "sampler", SAMPLERS)
     require_choice(cfg, "ensemble.average", AVERAGES)
     require_choice(cfg, "ensemble.tune_track", TUNE_TRACKS)
@@ -494,7 +496,7 @@ def _ensemble_and_score(
         for fold in folds:
             logits = fold.module.predict_logits(fold.val_rows.embedding, fold.val_rows.metadata)
             ids, probs = aggregate_by_observation(
-                fold.val_rows.frame["observationID"].to_numpy(), softmax(logits)
+                fold.val_rows.frame["observationID"].to_numpy(), softmax(logits, axis=1)
             )
             truth = _truth(fold.val_rows)
             oof_ids += ids.tolist()

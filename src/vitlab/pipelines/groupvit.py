@@ -40,7 +40,13 @@ from vitlab.models.groupvit.checkpoints import (
     load_groupvit,
     save_groupvit,
 )
-from vitlab.models.groupvit.model import GroupViT, GroupViTSpec, released_spec, tiny_spec
+from vitlab.models.groupvit.model import (
+    GroupViT,
+    GroupViTSpec,
+    released_spec,
+    split_runtime,
+    tiny_spec,
+)
 from vitlab.models.groupvit.tagged_sample import SampleTrainedTagger
 from vitlab.models.groupvit.text import KINDS, PAD_MODES, CaptionLabeler, nltk_pos_tagger
 from vitlab.pipelines.base import (
@@ -79,11 +85,12 @@ def build_groupvit(model_cfg: dict[str, Any]) -> GroupViT:
     preset = spec_cfg.pop("preset", "released")
     if preset not in SPEC_PRESETS:
         raise ConfigError(f"groupvit.model.spec.preset={preset!r} not in {sorted(SPEC_PRESETS)}")
+    values, runtime = split_runtime({**spec_cfg, **overrides})
     try:
-        spec: GroupViTSpec = SPEC_PRESETS[preset](**{**spec_cfg, **overrides})
+        spec: GroupViTSpec = SPEC_PRESETS[preset](**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"groupvit.model.spec: {err}") from err
-    return GroupViT(spec)
+    return GroupViT(spec, **runtime)
 
 
 def build_labeler(labels_cfg: dict[str, Any], context_length: int) -> CaptionLabeler:

@@ -21,6 +21,7 @@ from vitlab.config import (
     instantiate_node,
     require_choice,
     require_positive,
+    require_set,
     to_container,
 )
 from vitlab.data.missing_images import FRACTION_KEY, check_max_missing_fraction
@@ -65,6 +66,7 @@ PREDICTORS = ("head", "backbone_classifier")
 
 def validate(cfg: DictConfig) -> None:
     """Checks that need no work; components validate their own arguments on instantiation."""
+    require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
     require_choice(cfg, "predictor", PREDICTORS)
     require_choice(cfg, "head.optimizer", OPTIMIZERS)
     require_choice(cfg, "fit.mode", ("min", "max"))

@@ -48,9 +48,6 @@ class EmbeddingClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
 
-    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(x), dim=-1)
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss_fn(self.head(x), y)

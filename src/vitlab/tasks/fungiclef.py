@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from vitlab.config import accepted_kwargs, instantiate_node
+from vitlab.config import instantiate_node
 from vitlab.losses import LabelStats, build_loss
 from vitlab.tasks.classification import OPTIMIZERS
 
@@ -41,17 +41,15 @@ class FungiClassifier(pl.LightningModule):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"head.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
         self.save_hyperparameters()
-        meta_dim = max((end for _, end in meta_groups.values()), default=0)
         active_aux = {k: v for k, v in aux_sizes.items() if aux_weights.get(k, 0) > 0}
-        runtime = {
-            "embed_dim": embed_dim,
-            "meta_dim": meta_dim,
-            "meta_groups": meta_groups,
-            "num_classes": len(species_ids),
-            "aux_outputs": active_aux,
-        }
+        # every FungiCLEF head takes these runtime arguments (see `vitlab.models.heads`)
         self.head = instantiate_node(
-            head, "head.model", **accepted_kwargs(head["_target_"], **runtime)
+            head,
+            "head.model",
+            embed_dim=embed_dim,
+            meta_groups=meta_groups,
+            num_classes=len(species_ids),
+            aux_outputs=active_aux,
         )
         self.loss_fn = build_loss(
             loss, LabelStats(len(species_ids), class_counts, poisonous_classes)

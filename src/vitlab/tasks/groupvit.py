@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,6 @@ class OptimConfig:
     cycles: int = 1
     warmup_start: float = 0.0025  # 4e-6 / 1.6e-3, the reference warm-up start
     min_factor: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def segment_label_logits(

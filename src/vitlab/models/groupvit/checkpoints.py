@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from vitlab.hub import hub_offline, use_hub
-from vitlab.models.groupvit.model import GroupViT, GroupViTSpec
+from vitlab.models.groupvit.model import GroupViT, GroupViTSpec, split_runtime
 from vitlab.safe_load import UnsafeCheckpointError, load_checkpoint_file
 
 log = logging.getLogger(__name__)
@@ -442,7 +442,7 @@ def load_groupvit(
     """
     if kind not in CHECKPOINT_KINDS:
         raise ValueError(f"checkpoint kind {kind!r} not in {CHECKPOINT_KINDS}")
-    overrides = dict(spec_overrides or {})
+    overrides, runtime = split_runtime(dict(spec_overrides or {}))
     payload = None
     if kind != "transformers" and Path(source).is_file():
         payload = read_checkpoint_payload(source, trust, trust_key)
@@ -464,7 +464,8 @@ def load_groupvit(
                 "folder instead"
             ) from err
         spec = _with_overrides(spec_from_hf_config(hf.config), overrides)
-        return load_hf_state_dict(GroupViT(spec), hf.state_dict(), origin=str(source)).eval()
+        model = GroupViT(spec, **runtime)
+        return load_hf_state_dict(model, hf.state_dict(), origin=str(source)).eval()
     if payload is None:
         raise CheckpointError(f"checkpoint {source} is not a file (kind={kind})")
     if kind == "nvlabs":
@@ -482,12 +483,15 @@ def load_groupvit(
                 f"{source}: {err} (head counts cannot be read from an NVlabs state dict: pass "
                 "num_heads / text_heads overrides)"
             ) from err
-        return load_nvlabs_state_dict(GroupViT(spec), state, origin=str(source)).eval()
-    spec = _with_overrides(GroupViTSpec.from_dict(payload["groupvit_spec"]), overrides)
+        model = GroupViT(spec, **runtime)
+        return load_nvlabs_state_dict(model, state, origin=str(source)).eval()
+    saved, saved_runtime = split_runtime(payload["groupvit_spec"])
+    spec = _with_overrides(GroupViTSpec.from_dict(saved), overrides)
     state = payload["state_dict"]
     if any(k.startswith("model.") for k in state):  # a Lightning checkpoint of the task
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    model = GroupViT(spec)
+    # checkpoints written before the clamp became a runtime setting saved it in their spec
+    model = GroupViT(spec, **{**saved_runtime, **runtime})
     _fill_strictly(model, state, state.get, str(source))
     _check_all_used(state, set(model.state_dict()), str(source))
     return model.eval()
@@ -562,10 +566,10 @@ def export_transformers(model: GroupViT, out_dir: str | Path, processor: bool = 
     missing = [k for k in missing if k not in _HF_ONLY_IGNORED]
     if missing or unexpected:
         raise CheckpointError(f"export mismatch: missing {missing}, unexpected {unexpected}")
-    if model.spec.logit_scale_max is not None:
+    if model.logit_scale_max is not None:
         log.info(
             "transformers' GroupViT does not clamp the logit scale (ours clamps at %s)",
-            model.spec.logit_scale_max,
+            model.logit_scale_max,
         )
     proc = hf_processor(model.spec) if processor else None
     out = Path(out_dir)

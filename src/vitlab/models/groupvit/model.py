@@ -49,8 +49,6 @@ class GroupViTSpec:
     projection_hidden: int = 4096
     projection_dim: int = 256
     logit_scale_init: float = LOGIT_SCALE_INIT
-    # the reference clamps exp(logit_scale) at 100; `transformers` does not clamp
-    logit_scale_max: float | None = 100.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,11 +79,27 @@ class GroupViTSpec:
 
     @classmethod
     def from_dict(cls, values: dict) -> GroupViTSpec:
+        """The spec of a saved dict; runtime settings that specs saved before held
+        (`logit_scale_max`) are dropped: `split_runtime` reads them."""
+        values = split_runtime(values)[0]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown GroupViT spec keys {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+# the reference clamps exp(logit_scale) at 100; `transformers` does not clamp (None)
+DEFAULT_LOGIT_SCALE_MAX: float | None = 100.0
+RUNTIME_SETTINGS = ("logit_scale_max",)
+"""Settings of a built `GroupViT` that are not architecture: attributes set by the loaders from
+`overrides`, never saved in a checkpoint's spec."""
+
+
+def split_runtime(values: dict) -> tuple[dict, dict]:
+    """(spec keys, runtime settings) of a dict of spec values and overrides."""
+    spec = {k: v for k, v in values.items() if k not in RUNTIME_SETTINGS}
+    return spec, {k: v for k, v in values.items() if k in RUNTIME_SETTINGS}
 
 
 def released_spec(**overrides) -> GroupViTSpec:
@@ -517,9 +531,15 @@ class Projector(nn.Module):
 class GroupViT(nn.Module):
     """Image encoder with grouping, CLIP text encoder, two projectors and two logit scales."""
 
-    def __init__(self, spec: GroupViTSpec | None = None) -> None:
+    def __init__(
+        self,
+        spec: GroupViTSpec | None = None,
+        logit_scale_max: float | None = DEFAULT_LOGIT_SCALE_MAX,
+    ) -> None:
+        """`logit_scale_max`: clamp of exp(logit scale) (None: no clamp), a runtime setting."""
         super().__init__()
         self.spec = spec or GroupViTSpec()
+        self.logit_scale_max = logit_scale_max
         self.img_encoder = ImageEncoder(self.spec)
         self.text_encoder = TextEncoder(self.spec)
         p = self.spec
@@ -569,10 +589,10 @@ class GroupViT(nn.Module):
         return self.text_projector(features).reshape(*shape, -1)
 
     def scale(self) -> Tensor:
-        return clamp_logit_scale(self.logit_scale, self.spec.logit_scale_max)
+        return clamp_logit_scale(self.logit_scale, self.logit_scale_max)
 
     def multi_label_scale(self) -> Tensor:
-        return clamp_logit_scale(self.multi_label_logit_scale, self.spec.logit_scale_max)
+        return clamp_logit_scale(self.multi_label_logit_scale, self.logit_scale_max)
 
     def forward(self, pixels: Tensor, tokens: Tensor) -> dict[str, Tensor]:
         """CLIP-style forward: normalised embeddings and logits [B_img, B_text]."""
