@@ -125,6 +125,23 @@ def validate_fungiclef(cfg: DictConfig) -> None:
 DUMMY_META_GROUPS = {"date": (0, 4), "geo": (4, 8), "substrate": (8, 12)}
 
 
+def fold_module(cfg: DictConfig, **runtime: Any) -> FungiClassifier:
+    """One fold's LightningModule from the config (head, loss, aux targets, optimiser,
+    scheduler) and what is known at run time (widths, label space, counts, context)."""
+    return FungiClassifier(
+        head=to_container(cfg.head.model),
+        loss=to_container(cfg.loss),
+        aux_weights=to_container(cfg.aux_targets),
+        optimizer=cfg.head.optimizer,
+        lr=cfg.head.lr,
+        weight_decay=cfg.head.weight_decay,
+        scheduler=to_container(cfg.head.scheduler),
+        monitor=cfg.fit.monitor,
+        mode=cfg.fit.mode,
+        **runtime,
+    )
+
+
 def check_head_and_loss(cfg: DictConfig) -> None:
     """Build the fold LightningModule (head, loss, auxiliary outputs, optimiser, scheduler)
     against dummy label statistics and run one dummy training step, so a `head=`/`loss=` that
@@ -138,22 +155,14 @@ def check_head_and_loss(cfg: DictConfig) -> None:
     stats = LabelStats.dummy(poison_list=True)
     width = 8 * int(cfg.head.model.get("heads") or 1)
     aux_sizes = {"poisonous": 1, "genus": 2, "family": 2}
-    module = FungiClassifier(
-        head=to_container(cfg.head.model),
-        loss=to_container(cfg.loss),
+    module = fold_module(
+        cfg,
         embed_dim=width,
         meta_groups=DUMMY_META_GROUPS,
         species_ids=list(range(stats.num_classes)),
         class_counts=list(stats.class_counts),
         poisonous_classes=list(stats.poisonous_classes),
         aux_sizes=aux_sizes,
-        aux_weights=to_container(cfg.aux_targets),
-        optimizer=cfg.head.optimizer,
-        lr=cfg.head.lr,
-        weight_decay=cfg.head.weight_decay,
-        scheduler=to_container(cfg.head.scheduler),
-        monitor=cfg.fit.monitor,
-        mode=cfg.fit.mode,
     )
     batch = {
         "embedding": torch.randn(2, width),
@@ -413,22 +422,14 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run: RunContext, callba
         train_t = _targets(train_rows, index_of, vocab, poisonous)
         val_t = _targets(val_rows, index_of, vocab, poisonous)
         counts = np.bincount(train_t["species"], minlength=len(species_ids)).tolist()
-        module = FungiClassifier(
-            head=to_container(cfg.head.model),
-            loss=to_container(cfg.loss),
+        module = fold_module(
+            cfg,
             embed_dim=train_rows.embedding.shape[1],
             meta_groups=encoder.groups,
             species_ids=species_ids,
             class_counts=counts,
             poisonous_classes=poison_idx,
             aux_sizes=aux_sizes,
-            aux_weights=to_container(cfg.aux_targets),
-            optimizer=cfg.head.optimizer,
-            lr=cfg.head.lr,
-            weight_decay=cfg.head.weight_decay,
-            scheduler=to_container(cfg.head.scheduler),
-            monitor=cfg.fit.monitor,
-            mode=cfg.fit.mode,
             context={
                 "backbone": to_container(cfg.backbone),
                 "features": to_container(cfg.features),
