@@ -193,7 +193,11 @@ def test_groupvit_model_and_trainer_options_validate(tmp_path, offline_hub):
         cfg = compose_config(
             "train", ["experiment=quickstart_groupvit", f"groupvit/model={option}"], tmp_path
         )
-        spec.validate(cfg)  # weights are loaded when the run starts, not in validate
+        if OmegaConf.is_missing(cfg.groupvit.model, "source"):  # nvlabs: the file must be given
+            with pytest.raises(ConfigError, match="groupvit.model.source is not set"):
+                spec.validate(cfg)
+        else:
+            spec.validate(cfg)  # weights are loaded when the run starts, not in validate
     for option in options("trainer"):
         cfg = compose_config(
             "train", ["experiment=quickstart_groupvit", f"trainer={option}"], tmp_path

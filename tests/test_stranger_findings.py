@@ -57,3 +57,26 @@ def test_refused_folder_is_not_announced_as_being_generated(tmp_path, caplog):
     with caplog.at_level(logging.INFO), pytest.raises(ConfigError, match="left untouched"):
         ensure_generated(config, generate_plantclef, PlantClefSyntheticSpec, "PlantCLEF")
     assert "generating" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "key"),
+    [
+        ("infer", ["dataset=plantclef"], "dataset.root"),
+        ("infer", ["predictor=backbone_classifier", "backbone=timm"], "backbone.name"),
+        ("infer", ["pipeline=segmentation", "dataset=pascal_voc"], "dataset.root"),
+        (
+            "train",
+            ["experiment=groupvit_finetune_baseline", "groupvit/model=nvlabs", "dataset.root=/d"],
+            "groupvit.model.source",
+        ),
+    ],
+)
+def test_unset_mandatory_keys_are_named_in_every_pipeline(config, overrides, key, tmp_path):
+    from tests.conftest import compose_config
+    from vitlab.pipelines import load
+
+    cfg = compose_config(config, ["logger=csv", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=rf"{key} is not set \(\?\?\? in its config\): set"):
+        pipeline = load(cfg.pipeline)
+        (pipeline.validate if config == "train" else pipeline.infer)(cfg)

@@ -113,6 +113,7 @@ SET_HINTS = {
     "dataset.root": "the dataset folder in its official layout (dataset.root=/path/to/data)",
     "backbone.name": "a timm model name (backbone.name=vit_base_patch14_dinov2.lvd142m)",
     "backbone.checkpoint_path": "the checkpoint file (backbone.checkpoint_path=/path/model.pth)",
+    "groupvit.model.source": "the NVlabs release file (groupvit.model.source=/path/model.pth)",
 }
 """What to set for the `???` keys of the shipped configs, named in `require_set`'s error."""
 

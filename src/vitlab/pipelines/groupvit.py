@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from vitlab.config import (
     require_choice,
     require_positive,
+    require_set,
     to_container,
 )
 from vitlab.data.coco_captions import (
@@ -103,6 +104,7 @@ def validate_groupvit(cfg: DictConfig) -> None:
     """Checks that need no work, naming the key and the allowed values."""
     if cfg.get("groupvit") is None:
         raise ConfigError("pipeline=groupvit needs a groupvit recipe: use experiment=<groupvit_*>")
+    require_set(cfg, "dataset.root", "groupvit.model.source")
     require_choice(cfg, "groupvit.labels.kind", KINDS)
     require_choice(cfg, "groupvit.labels.pad", PAD_MODES)
     require_choice(cfg, "groupvit.labels.tagger", TAGGERS)

@@ -334,6 +334,7 @@ def infer(cfg: DictConfig) -> RunSummary:
 
 def validate_infer(cfg: DictConfig) -> None:
     """infer.py's checks that need no work."""
+    require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
     require_choice(cfg, "predictor", PREDICTORS)
     require_positive(cfg, "predict.batch_size", "predict.quadrats_per_batch")
     require_choice(cfg, "predict.tile_fit", TILE_FITS)

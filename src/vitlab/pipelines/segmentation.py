@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from vitlab.config import require_positive
+from vitlab.config import require_positive, require_set
 from vitlab.data.segmentation import (
     SegmentationDatasetSpec,
     SegmentationSample,
@@ -95,6 +95,7 @@ def segmentation_device(cfg: DictConfig) -> torch.device:
 
 
 def validate_segmentation(cfg: DictConfig) -> None:
+    require_set(cfg, "dataset.root")
     require_positive(cfg, "segmentation.short_side", "segmentation.crop", "segmentation.stride")
     segmentation_settings(cfg.segmentation, spec_from_config(cfg.dataset))
     segmentation_device(cfg)
