@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import compose_config
+from tests.test_pipeline import FAST as PIPELINE_FAST
 from vitlab.data.plantclef import read_training_metadata
 from vitlab.errors import ConfigError, DatasetFormatError
 from vitlab.pipelines.plantclef import train
@@ -25,16 +26,10 @@ from vitlab.pipelines.plantclef import train
 REPO = Path(__file__).resolve().parents[1]
 METADATA = "PlantCLEF2024_single_plant_training_metadata.csv"
 TRUTH = "test_ground_truth.csv"
+# the end-to-end tests' fast settings, one epoch
 FAST = [
-    "logger=csv",
+    *(o for o in PIPELINE_FAST if not o.startswith(("trainer.max_epochs", "head."))),
     "trainer.max_epochs=1",
-    "prepare.image_size=64",
-    "backbone.model_kwargs.img_size=64",
-    "backbone.input_size=64",
-    "backbone.model_kwargs.depth=2",
-    "dataset.min_images_per_species=6",
-    "dataset.synthetic=null",
-    "fit.early_stopping_patience=0",
 ]
 
 
