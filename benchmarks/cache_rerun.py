@@ -2,7 +2,7 @@
 
 Runs `train.py` (the quickstart, CSV logger) twice in a temp folder with the same overrides and
 prints `stage_seconds` of both runs' summary.json, plus a third run with only a head override
-(`head.lr`) as a multirun/sweep would change it.
+(`optimizer.lr`) as a multirun/sweep would change it.
 
 Run: python benchmarks/cache_rerun.py   (from the repo root, vitlab installed or PYTHONPATH=src)
 """
@@ -29,7 +29,7 @@ def main() -> None:
         rows = [
             ("first run (cold cache)", run(root, "first")),
             ("second run, same config", run(root, "second")),
-            ("third run, head.lr=1e-2", run(root, "third", "head.lr=1e-2")),
+            ("third run, optimizer.lr=1e-2", run(root, "third", "optimizer.lr=1e-2")),
         ]
     stages = ["prepare", "embed", "fit", "predict", "score"]
     print("| run | " + " | ".join(f"{s} s" for s in stages) + " |")

@@ -42,7 +42,7 @@ def make_module(dim: int, classes: int) -> FungiClassifier:
         [0, 1],
         {"poisonous": 1, "genus": 20},
         {"poisonous": 0.1, "genus": 0.1},
-        lr=1e-4,
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4},
     )
 
 

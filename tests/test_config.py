@@ -77,17 +77,21 @@ def test_infer_config_composes(tmp_path):
     [
         ("inference.grid_size=0", "inference.grid_size"),
         ("features=dct", None),  # valid; paired with the next case
-        ("head.optimizer=rmsprop", "head.optimizer"),
+        ("optimizer._target_=torch.optim.RMSpropp", "optimizer"),
+        ("+optimizer.gamma=2", "optimizer"),
+        ("scheduler=plateau", None),  # valid with PlantCLEF (follows fit.monitor)
+        ("scheduler=cosine_warm_restarts scheduler.T_0=0", "scheduler"),
+        ("+head.lr=1e-3", "head.lr"),  # renamed: names optimizer.lr
         ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
         ("fit.mode=biggest", "fit.mode"),
-        ("head.lr=-1", "head.lr"),
+        ("optimizer.lr=-1", "optimizer.lr"),
         ("predictor=oracle", "predictor"),
         ("prepare.image_size=2", "prepare.image_size"),
         ("head.model.log_softmax=false", "head.model.log_softmax"),
     ],
 )
 def test_invalid_values_fail_before_any_work_naming_the_key(override, key, tmp_path):
-    cfg = compose_config("train", [override, "logger=wandb"], tmp_path)
+    cfg = compose_config("train", [*override.split(), "logger=wandb"], tmp_path)
     if key is None:
         validate(cfg)
         return
@@ -135,7 +139,7 @@ def test_sweep_config_composes(tmp_path):
     cfg = compose_config("train", ["sweep=quickstart_head"], tmp_path)
     assert cfg.sweep.study_name == "quickstart_plantclef_head"
     assert cfg.sweep.storage.startswith("sqlite:///")
-    assert set(cfg.sweep.params) >= {"head.lr", "head.weight_decay"}
+    assert set(cfg.sweep.params) >= {"optimizer.lr", "optimizer.weight_decay"}
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,20 @@ GROUPS = {
         "trainer",
         "engine",
         "logger",
+        "optimizer",
+        "scheduler",
     ),
-    "fungiclef": ("loss", "head", "features", "backbone", "trainer", "engine", "logger"),
+    "fungiclef": (
+        "loss",
+        "head",
+        "features",
+        "backbone",
+        "trainer",
+        "engine",
+        "logger",
+        "optimizer",
+        "scheduler",
+    ),
 }
 ONE_BATCH = [
     "logger=csv",

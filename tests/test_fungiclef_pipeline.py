@@ -103,7 +103,7 @@ FAST = [
             "head=fungi_transformer",
             "head.model.hidden=64",
             "head.model.layers=1",
-            "head.lr=1e-3",
+            "optimizer.lr=1e-3",
             "head.batch_size=64",
             "loss=weighted_ce",
             "aux_targets.genus=0.3",
@@ -111,7 +111,7 @@ FAST = [
             "sampler=val_distribution",
             "ensemble.average=logits",
             "ensemble.open_set_threshold=null",
-            "head.scheduler.name=plateau",
+            "scheduler=plateau",
         ],
     ],
 )

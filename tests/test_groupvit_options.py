@@ -20,6 +20,7 @@ from vitlab.tasks.groupvit import GroupViTFineTuner, LossWeights
 
 # --- non-noisy scope -----------------------------------------------------------------------------
 
+ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2}
 TAGS = {"cat": "NN", "car": "NN", "dog": "NN", "boat": "NN", "sky": "NN"}
 # rank 0 holds images 0-1, rank 1 images 2-3: "cat" and "car" repeat across the two ranks only,
 # so the global and the per-rank non-noisy positives differ
@@ -47,7 +48,7 @@ def _module(scope: str, memory_bank: int = 0) -> GroupViTFineTuner:
     losses["memory_bank"] = memory_bank
     # eval: no Gumbel noise, BatchNorm on running statistics, so every embedding depends on its
     # own sample only and a half batch embeds exactly as inside the full batch
-    return GroupViTFineTuner(GroupViT(tiny_spec()), ["everything"], losses, {}).eval()
+    return GroupViTFineTuner(GroupViT(tiny_spec()), ["everything"], losses, ADAMW).eval()
 
 
 def _scope_worker(rank, world, init_file, result_dir):

@@ -15,16 +15,17 @@ from vitlab.errors import ConfigError
 from vitlab.models.groupvit.checkpoints import load_groupvit
 from vitlab.models.groupvit.model import GroupViT, tiny_spec
 from vitlab.models.groupvit.text import CaptionLabeler
+from vitlab.optim import warmup_cosine_factor
 from vitlab.pipelines.groupvit import train_groupvit, validate_groupvit
 from vitlab.tasks.groupvit import (
     COMPONENTS,
     GroupViTFineTuner,
     LossWeights,
     select_trainable,
-    warmup_cosine_factor,
     weight_decay_groups,
 )
 
+ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2}
 WORDS = {"cat": "NN", "cats": "NNS", "dog": "NN", "car": "NN", "red": "JJ", "big": "JJ"}
 
 
@@ -58,7 +59,8 @@ def test_warmup_then_cosine_cycles():
 
 def test_weight_decay_split_follows_the_reference():
     model = GroupViT(tiny_spec())
-    decay, no_decay = weight_decay_groups(model, 0.05)
+    groups = {group["weight_decay"]: group for group in weight_decay_groups(model, 0.05)}
+    decay, no_decay = groups[0.05], groups[0.0]
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     skipped = {names[id(p)] for p in no_decay["params"]}
@@ -97,7 +99,7 @@ def test_frozen_weights_and_buffers_stay_bit_identical_after_a_step():
         model,
         ["grouping_block_2", "text_projector"],
         {"contrastive": 1.0, "multi_label": 1.0, "entropy": {"group": 1.0, "segment": 1.0}},
-        {"lr": 1e-2},
+        ADAMW,
     )
     module.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -126,7 +128,7 @@ def test_all_loss_terms_with_pad_labels_non_noisy_and_memory_bank():
             "memory_bank": 16,
             "entropy": {"group": 0.5, "label": 0.5, "segment": 0.5},
         },
-        {},
+        ADAMW,
     ).train()
     batch = _batch()
     assert not batch["label_mask"].all()  # some captions have fewer than 3 nouns -> <PAD>
@@ -233,7 +235,7 @@ def test_fit_trains_a_loaded_checkpoint_in_train_mode_and_keeps_frozen_statistic
     torch.manual_seed(2)
     model = load_groupvit(save_groupvit(GroupViT(tiny_spec()), tmp_path / "m.pt"))
     assert not model.training  # checkpoints load in eval mode
-    module = GroupViTFineTuner(model, ["grouping_block_1"], {"contrastive": 1.0}, {"lr": 1e-2})
+    module = GroupViTFineTuner(model, ["grouping_block_1"], {"contrastive": 1.0}, ADAMW)
     assert not model.multi_label_logit_scale.requires_grad  # its loss is off
     frozen_bn = model.img_projector.bn.running_mean.clone()
     block = model.img_encoder.layers[0].downsample.mlp_channels.fc1.weight.clone()

@@ -20,7 +20,7 @@ FAST = [
     "logger=csv",
     "trainer.max_epochs=25",
     "head.batch_size=32",
-    "head.lr=1e-2",
+    "optimizer.lr=1e-2",
     "prepare.image_size=64",
     "backbone.model_kwargs.img_size=64",
     "backbone.input_size=64",
@@ -84,7 +84,7 @@ def test_second_run_hits_the_embed_cache(trained, tiny_plantclef, monkeypatch):
     calls = []
     original = embed_module.embed_pixels
     monkeypatch.setattr(embed_module, "embed_pixels", lambda *a: calls.append(1) or original(*a))
-    summary = train(_train_cfg(root, tiny_plantclef, "head.lr=5e-3"))
+    summary = train(_train_cfg(root, tiny_plantclef, "optimizer.lr=5e-3"))
     assert calls == []  # no backbone forward in the embed stage
     assert summary["cache_keys"] == first["cache_keys"]
     # a different feature reducer is a different cache entry and does run the backbone
@@ -124,13 +124,13 @@ def test_missing_column_and_empty_test_folder_fail_clearly(tiny_plantclef, tmp_p
 
 
 def test_cli_multirun(tiny_plantclef, tmp_path):
-    """`python train.py --multirun head.lr=...` runs one job per value, each with a summary."""
+    """`python train.py --multirun optimizer.lr=...` runs one job per value, each with a summary."""
     cmd = [
         sys.executable,
         str(REPO / "train.py"),
         "--multirun",
-        "head.lr=1e-3,1e-2",
-        *[o for o in FAST if not o.startswith(("trainer.max_epochs", "head.lr"))],
+        "optimizer.lr=1e-3,1e-2",
+        *[o for o in FAST if not o.startswith(("trainer.max_epochs", "optimizer.lr"))],
         "trainer.max_epochs=2",
         f"dataset.root={tiny_plantclef}",
         f"hydra.sweep.dir={tmp_path}/multirun",

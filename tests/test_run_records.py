@@ -51,7 +51,7 @@ def test_completed_run_and_rerun_owns_its_checkpoint_names(tiny_plantclef, share
     first = train(_cfg(tmp_path, tiny_plantclef, shared_cache))
     checkpoints = tmp_path / "run" / "checkpoints"
     first_bytes = (checkpoints / "best.ckpt").read_bytes()
-    second = train(_cfg(tmp_path, tiny_plantclef, shared_cache, "head.lr=3e-3"))
+    second = train(_cfg(tmp_path, tiny_plantclef, shared_cache, "optimizer.lr=3e-3"))
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert first["status"] == second["status"] == on_disk["status"] == "completed"
     assert "error" not in on_disk

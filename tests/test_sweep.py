@@ -12,7 +12,7 @@ STATES = optuna.trial.TrialState
 
 
 def _base(data, root, *extra):
-    fast = [o for o in FAST if not o.startswith(("trainer.max_epochs", "head.lr"))]
+    fast = [o for o in FAST if not o.startswith(("trainer.max_epochs", "optimizer.lr"))]
     return [
         *fast,
         "trainer.max_epochs=3",
@@ -37,7 +37,7 @@ def test_study_runs_then_resumes_with_more_trials(tiny_plantclef, tmp_path):
     assert [t.params for t in trials[:4]] == [t.params for t in first]
     # conditional parameter: weight decay only sampled with adamw
     for t in trials:
-        assert ("head.weight_decay" in t.params) == (t.params["head.optimizer"] == "adamw")
+        assert ("optimizer.weight_decay" in t.params) == (t.params["optimizer"] == "adamw")
     assert run_sweep(_base(tiny_plantclef, tmp_path, "sweep.n_trials=6")).trials == again.trials
 
 
@@ -377,4 +377,4 @@ def test_groupvit_quickstart_sweeps(tmp_path):
     )
     assert len(study.get_trials(states=(STATES.COMPLETE,))) == 2
     assert best["value"] > 0  # val/loss
-    assert set(best["params"]) == {"groupvit.optim.lr", "groupvit.losses.multi_label"}
+    assert set(best["params"]) == {"optimizer.lr", "groupvit.losses.multi_label"}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
@@ -88,9 +88,23 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return path
 
 
+RENAMED_KEYS = {
+    "head.lr": "optimizer.lr",
+    "head.weight_decay": "optimizer.weight_decay",
+    "head.optimizer": "optimizer=adam|adamw|sgd",
+    "head.scheduler": "scheduler=none|cosine_warm_restarts|plateau|warmup_cosine",
+    "groupvit.optim": "optimizer.lr, optimizer.weight_decay and scheduler.* (warmup_epochs, ...)",
+}
+"""Keys of earlier versions -> their place now (README: "Renamed keys"). Hydra refuses the old
+key and suggests `+key=...`, which would add it unread: `begin` names the new one instead."""
+
+
 def begin(cfg: DictConfig) -> None:
-    """What every pipeline does first, before validating: the `_target_` allow-list's extra
-    packages come from this run's config."""
+    """What every pipeline does first, before validating: refuse renamed keys, and take the
+    `_target_` allow-list's extra packages from this run's config."""
+    for old, new in RENAMED_KEYS.items():
+        if OmegaConf.select(cfg, old) is not None:
+            raise ConfigError(f"{old} was renamed: use {new}")
     set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
 
 

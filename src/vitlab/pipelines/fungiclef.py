@@ -63,6 +63,7 @@ from vitlab.metrics.fungiclef import (
     read_poison_list,
     write_fungiclef_submission,
 )
+from vitlab.optim import check_optimization, plain_node
 from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
@@ -103,7 +104,8 @@ def validate_fungiclef(cfg: DictConfig) -> None:
     require_choice(cfg, "ensemble.average", AVERAGES)
     require_choice(cfg, "ensemble.tune_track", TUNE_TRACKS)
     require_choice(cfg, "fit.mode", ("min", "max"))
-    require_positive(cfg, "head.lr", "head.batch_size", "embed.batch_size")
+    require_positive(cfg, "head.batch_size", "embed.batch_size")
+    check_optimization(cfg)
     threshold = OmegaConf.select(cfg, "ensemble.open_set_threshold")
     if threshold not in (None, "tune") and (
         isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold < 0
@@ -132,12 +134,8 @@ def fold_module(cfg: DictConfig, **runtime: Any) -> FungiClassifier:
         head=to_container(cfg.head.model),
         loss=to_container(cfg.loss),
         aux_weights=to_container(cfg.aux_targets),
-        optimizer=cfg.head.optimizer,
-        lr=cfg.head.lr,
-        weight_decay=cfg.head.weight_decay,
-        scheduler=to_container(cfg.head.scheduler),
-        monitor=cfg.fit.monitor,
-        mode=cfg.fit.mode,
+        optimizer=plain_node(cfg.optimizer),
+        scheduler=plain_node(cfg.get("scheduler")),
         **runtime,
     )
 
@@ -147,23 +145,29 @@ def check_head_and_loss(cfg: DictConfig) -> None:
     against dummy label statistics and run one dummy training step, so a `head=`/`loss=` that
     cannot work here fails before any stage, naming the key. The embedding width is a stand-in
     (the backbone's is known after embed): `head.model.heads` must still divide the real one."""
-    if not isinstance(cfg.head.get("model"), DictConfig) or "scheduler" not in cfg.head:
-        raise ConfigError(
-            f"head: pipeline=fungiclef needs a FungiCLEF head (head.model + head.scheduler): "
-            f"head=fungi_mlp|fungi_transformer, not {cfg.head.get('model', {}).get('_target_')}"
-        )
+    not_fungi_head = ConfigError(
+        "head: pipeline=fungiclef needs a FungiCLEF head (embeddings + metadata): "
+        f"head=fungi_mlp|fungi_transformer, not {OmegaConf.select(cfg, 'head.model._target_')}"
+    )
+    if not isinstance(cfg.head.get("model"), DictConfig):
+        raise not_fungi_head
     stats = LabelStats.dummy(poison_list=True)
     width = 8 * int(cfg.head.model.get("heads") or 1)
     aux_sizes = {"poisonous": 1, "genus": 2, "family": 2}
-    module = fold_module(
-        cfg,
-        embed_dim=width,
-        meta_groups=DUMMY_META_GROUPS,
-        species_ids=list(range(stats.num_classes)),
-        class_counts=list(stats.class_counts),
-        poisonous_classes=list(stats.poisonous_classes),
-        aux_sizes=aux_sizes,
-    )
+    try:
+        module = fold_module(
+            cfg,
+            embed_dim=width,
+            meta_groups=DUMMY_META_GROUPS,
+            species_ids=list(range(stats.num_classes)),
+            class_counts=list(stats.class_counts),
+            poisonous_classes=list(stats.poisonous_classes),
+            aux_sizes=aux_sizes,
+        )
+    except ConfigError as err:
+        if str(err).startswith("head.model: ") and "unexpected keyword" in str(err):
+            raise not_fungi_head from err
+        raise
     batch = {
         "embedding": torch.randn(2, width),
         "metadata": torch.randn(2, 12),
@@ -182,10 +186,6 @@ def check_head_and_loss(cfg: DictConfig) -> None:
     check_loss_input(cfg.loss, output, "weighted_ce, focal, seesaw or seesaw_poison")
     module.train()
     module._losses(batch)
-    try:
-        module.configure_optimizers()
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
 
 
 def ensure_fungi_dataset(dataset: DictConfig) -> None:

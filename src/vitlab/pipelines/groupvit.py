@@ -50,6 +50,7 @@ from vitlab.models.groupvit.model import (
 )
 from vitlab.models.groupvit.tagged_sample import SampleTrainedTagger
 from vitlab.models.groupvit.text import KINDS, PAD_MODES, CaptionLabeler, nltk_pos_tagger
+from vitlab.optim import check_optimization, plain_node
 from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
@@ -109,9 +110,8 @@ def validate_groupvit(cfg: DictConfig) -> None:
     require_choice(cfg, "groupvit.labels.pad", PAD_MODES)
     require_choice(cfg, "groupvit.labels.tagger", TAGGERS)
     require_choice(cfg, "groupvit.model.kind", CHECKPOINT_KINDS)
-    require_positive(
-        cfg, "groupvit.labels.k", "groupvit.batch_size", "groupvit.image_size", "groupvit.optim.lr"
-    )
+    require_positive(cfg, "groupvit.labels.k", "groupvit.batch_size", "groupvit.image_size")
+    check_optimization(cfg)
     for name in cfg.groupvit.trainable:
         if name not in COMPONENTS:
             raise ConfigError(f"groupvit.trainable: {name!r} is not one of {sorted(COMPONENTS)}")
@@ -204,7 +204,8 @@ def train_groupvit(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Ru
             model,
             trainable=list(gv.trainable),
             losses=to_container(gv.losses),
-            optim=to_container(gv.optim),
+            optimizer=plain_node(cfg.optimizer),
+            scheduler=plain_node(cfg.get("scheduler")),
             context={"model": to_container(gv.model), "labels": to_container(gv.labels)},
             entropy_map_dir=str(run_dir / "media"),
         )

@@ -36,6 +36,7 @@ from vitlab.devices import require_accelerator
 from vitlab.errors import ConfigError
 from vitlab.losses import LabelStats, check_loss_input
 from vitlab.metrics.plantclef import plantclef_scores
+from vitlab.optim import check_optimization, follow_monitor, plain_node
 from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
@@ -57,7 +58,7 @@ from vitlab.stages.predict import (
 )
 from vitlab.stages.prepare import PrepareParams, prepare_training_images
 from vitlab.stages.score import per_plot_rows, plot_per_species_f1
-from vitlab.tasks.classification import OPTIMIZERS, EmbeddingClassifier
+from vitlab.tasks.classification import EmbeddingClassifier
 from vitlab.tracking import WANDB_MODES, write_json
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,10 @@ def validate(cfg: DictConfig) -> None:
     """Checks that need no work; components validate their own arguments on instantiation."""
     require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
     require_choice(cfg, "predictor", PREDICTORS)
-    require_choice(cfg, "head.optimizer", OPTIMIZERS)
     require_choice(cfg, "fit.mode", ("min", "max"))
     require_choice(cfg, "fit.loader", LOADERS)
     require_positive(
         cfg,
-        "head.lr",
         "head.batch_size",
         "embed.batch_size",
         "predict.batch_size",
@@ -109,9 +108,8 @@ def check_head_and_loss(cfg: DictConfig) -> None:
             loss=to_container(cfg.loss),
             in_features=8,
             species_ids=list(range(stats.num_classes)),
-            optimizer=cfg.head.optimizer,
-            lr=cfg.head.lr,
-            weight_decay=cfg.head.weight_decay,
+            optimizer=plain_node(cfg.optimizer),
+            scheduler=plain_node(cfg.get("scheduler")),
             class_counts=list(stats.class_counts),
         )
     except ConfigError as err:
@@ -136,7 +134,7 @@ def check_head_and_loss(cfg: DictConfig) -> None:
     check_loss_input(cfg.loss, output)
     module.loss_fn.train()
     module.loss_fn(output, torch.tensor([0, 1]))
-    module.configure_optimizers()
+    check_optimization(cfg)
 
 
 def ensure_dataset(dataset: DictConfig) -> None:
@@ -208,6 +206,9 @@ def _fit(
     callbacks: Sequence[pl.Callback],
 ):
     summary = run.summary
+    has_val = splits.counts["val"] > 0
+    monitor = cfg.fit.monitor if has_val else "train/loss"
+    mode = cfg.fit.mode if has_val else "min"
     context = {
         "backbone": to_container(cfg.backbone),
         "features": to_container(cfg.features),
@@ -220,15 +221,11 @@ def _fit(
         loss=to_container(cfg.loss),
         in_features=splits.dim,
         species_ids=splits.species_ids,
-        optimizer=cfg.head.optimizer,
-        lr=cfg.head.lr,
-        weight_decay=cfg.head.weight_decay,
+        optimizer=plain_node(cfg.optimizer),
+        scheduler=follow_monitor(plain_node(cfg.get("scheduler")), monitor, mode),
         context=context,
         class_counts=train_class_counts(splits),
     )
-    has_val = splits.counts["val"] > 0
-    monitor = cfg.fit.monitor if has_val else "train/loss"
-    mode = cfg.fit.mode if has_val else "min"
     checkpoint_dir = run.run_dir / "checkpoints"
     trainer = build_trainer(cfg, run, checkpoint_dir, monitor, mode, callbacks)
     result = fit_head(splits, module, trainer, cfg.head.batch_size, checkpoint_dir)

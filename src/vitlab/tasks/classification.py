@@ -8,11 +8,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from vitlab import optim
 from vitlab.config import instantiate_node
 from vitlab.losses import LabelStats, build_loss
 from vitlab.metrics.classification import accuracy, macro_f1
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 class EmbeddingClassifier(pl.LightningModule):
@@ -25,17 +24,19 @@ class EmbeddingClassifier(pl.LightningModule):
         loss: dict[str, Any],
         in_features: int,
         species_ids: list[int],
-        optimizer: str = "adam",
-        lr: float = 2e-3,
-        weight_decay: float = 0.0,
+        optimizer: dict[str, Any] | str | None = None,
+        scheduler: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
         class_counts: list[int] | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
     ):
-        """`class_counts`: the training split's count per class index (for
-        `loss.counts_from=train`); None in checkpoints written before it was recorded."""
+        """`optimizer`/`scheduler`: `_partial_` nodes (configs/optimizer, configs/scheduler).
+        `class_counts`: the training split's count per class index (for
+        `loss.counts_from=train`); None in checkpoints written before it was recorded.
+        `lr`/`weight_decay`: only in checkpoints written before the optimizer group (their
+        `optimizer` is a name); such checkpoints predict but cannot be trained further."""
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"head.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
         self.save_hyperparameters()
         self.head = instantiate_node(
             head, "head.model", in_features=in_features, num_classes=len(species_ids)
@@ -71,9 +72,11 @@ class EmbeddingClassifier(pl.LightningModule):
         self.log("val/acc", accuracy(truth, pred), prog_bar=True)
         self.log("val/macro_f1", macro_f1(truth, pred), prog_bar=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        cls = OPTIMIZERS[self.hparams.optimizer]
-        return cls(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> Any:
+        optimizer = optim.require_node(self.hparams.optimizer, "optimizer")
+        return optim.configure_optimizers(
+            optimizer, self.hparams.scheduler, self.parameters(), self.trainer
+        )
 
     @torch.inference_mode()
     def predict_labels(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:

@@ -9,11 +9,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from vitlab import optim
 from vitlab.config import instantiate_node
 from vitlab.losses import LabelStats, build_loss
-from vitlab.tasks.classification import OPTIMIZERS
 
-SCHEDULERS = ("none", "cosine_warm_restarts", "plateau")
 IGNORE = -100  # auxiliary target unknown for this row (e.g. the genus of an unknown species)
 
 
@@ -29,17 +28,12 @@ class FungiClassifier(pl.LightningModule):
         poisonous_classes: list[int],
         aux_sizes: dict[str, int],
         aux_weights: dict[str, float],
-        optimizer: str = "adamw",
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
+        optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
-        monitor: str = "val/loss",
-        mode: str = "min",
         context: dict[str, Any] | None = None,
     ):
+        """`optimizer`/`scheduler`: `_partial_` nodes (configs/optimizer, configs/scheduler)."""
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"head.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
         self.save_hyperparameters()
         active_aux = {k: v for k, v in aux_sizes.items() if aux_weights.get(k, 0) > 0}
         # every FungiCLEF head takes these runtime arguments (see `vitlab.models.heads`)
@@ -94,37 +88,9 @@ class FungiClassifier(pl.LightningModule):
             self.log("val/acc", (pred == truth).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = OPTIMIZERS[hp.optimizer](
-            self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay
+        return optim.configure_optimizers(
+            self.hparams.optimizer, self.hparams.scheduler, self.parameters(), self.trainer
         )
-        scheduler = dict(hp.scheduler or {"name": "none"})
-        name = scheduler.pop("name", "none")
-        if name == "none":
-            return optimizer
-        if name == "cosine_warm_restarts":
-            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-                optimizer,
-                T_0=int(scheduler.get("T_0", 10)),
-                T_mult=int(scheduler.get("T_mult", 1)),
-                eta_min=float(scheduler.get("eta_min", 0.0)),
-            )
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": sched, "interval": "epoch"},
-            }
-        if name == "plateau":  # its mode must follow the monitored metric's direction
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer,
-                mode=hp.mode,
-                factor=float(scheduler.get("factor", 0.5)),
-                patience=int(scheduler.get("patience", 2)),
-            )
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": sched, "monitor": hp.monitor, "interval": "epoch"},
-            }
-        raise ValueError(f"head.scheduler.name={name!r} is not one of {list(SCHEDULERS)}")
 
     @torch.inference_mode()
     def predict_logits(

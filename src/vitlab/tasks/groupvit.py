@@ -11,7 +11,6 @@ computed on each rank's mini-batch.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
+from vitlab import optim
 from vitlab.losses.contrastive import (
     CONTRAST_SCOPES,
     TextMemoryBank,
@@ -74,35 +75,11 @@ def freeze_frozen_batchnorm(model: nn.Module) -> None:
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: decay on weight matrices only (reference split)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def warmup_cosine_factor(
-    step: int,
-    warmup_steps: int,
-    total_steps: int,
-    cycles: int = 1,
-    warmup_start: float = 0.0025,
-    min_factor: float = 0.0,
-) -> float:
-    """LR multiplier: linear warm-up from `warmup_start`, then `cycles` equal cosine decays (each
-    restarting at 1) down to `min_factor` over the remaining steps."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    cycle_length = max(math.ceil(decay_steps / max(cycles, 1)), 1)
-    position = min(step - warmup_steps, decay_steps - 1) % cycle_length / cycle_length
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * position))
+    """Optimiser parameter groups: decay on weight matrices only (the reference split: no decay
+    on biases, 1-D tensors and `NO_DECAY_NAMES`), frozen parameters left out. timm's split, with
+    our names as patterns; groups come no-decay first and empty groups are omitted."""
+    patterns = [f"*{name}*" for name in NO_DECAY_NAMES]
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=patterns)
 
 
 @dataclass
@@ -159,18 +136,6 @@ class LossWeights:
         return bool(self.multi_label or self.label_entropy or self.segment_entropy)
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 1.6e-5
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_epochs: float = 1.0
-    cycles: int = 1
-    warmup_start: float = 0.0025  # 4e-6 / 1.6e-3, the reference warm-up start
-    min_factor: float = 0.0
-
-
 def segment_label_logits(
     segments: Tensor, labels: Tensor, label_mask: Tensor | None, scale: Tensor
 ) -> Tensor:
@@ -189,7 +154,8 @@ class GroupViTFineTuner(pl.LightningModule):
         model: GroupViT,
         trainable: list[str],
         losses: dict[str, Any],
-        optim: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
         entropy_map_dir: str | None = None,
     ):
@@ -197,7 +163,6 @@ class GroupViTFineTuner(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.weights = LossWeights.from_config(losses)
-        self.optim = OptimConfig(**optim)
         select_trainable(model, trainable)
         # a scale whose loss is off gets no gradient (DDP would fail on it): keep it frozen
         if not self.weights.contrastive:
@@ -372,26 +337,12 @@ class GroupViTFineTuner(pl.LightningModule):
         if batch_idx == 0 and self.entropy_map_dir is not None and self.trainer.is_global_zero:
             self._write_entropy_maps(batch, encoding)
 
-    def configure_optimizers(self):
-        groups = weight_decay_groups(self.model, self.optim.weight_decay)
-        optimizer = torch.optim.AdamW(
-            groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps
+    def configure_optimizers(self) -> Any:
+        weight_decay = float(self.hparams.optimizer.get("weight_decay", 0.0))
+        groups = weight_decay_groups(self.model, weight_decay)
+        return optim.configure_optimizers(
+            self.hparams.optimizer, self.hparams.scheduler, groups, self.trainer
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        warmup = int(round(self.optim.warmup_epochs * total / epochs))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine_factor(
-                step,
-                warmup,
-                total,
-                self.optim.cycles,
-                self.optim.warmup_start,
-                self.optim.min_factor,
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # lets `load_groupvit(path)` rebuild the model from a Lightning checkpoint alone
