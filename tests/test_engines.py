@@ -212,3 +212,44 @@ def test_interrupted_prepare_resumes_with_the_missing_shards(tiny_plantclef, tmp
 
 class SimulatedKill(Exception):
     pass
+
+
+class _UnstartableSpark:
+    """A Spark engine that must not start: a cache hit runs nothing."""
+
+    name = "spark"
+
+    def map_shards(self, *args, **kwargs):
+        raise AssertionError("the engine was started on a cache hit")
+
+
+def test_a_cache_hit_starts_no_engine_and_says_so(tiny_plantclef, tmp_path, caplog):
+    _prepare_and_embed(tiny_plantclef, tmp_path, LocalEngine())
+    with caplog.at_level("INFO"):
+        _prepare_and_embed(tiny_plantclef, tmp_path, _UnstartableSpark())
+    hits = [r.getMessage() for r in caplog.records if "cache hit" in r.getMessage()]
+    assert len(hits) == 2
+    assert all(m.endswith(", engine=spark not started") for m in hits)
+    assert hits[0].startswith("prepare: cache hit (key ") and hits[1].startswith("embed: ")
+
+
+def test_spark_settings_from_the_command_line_reach_spark_flat(tmp_path):
+    """`engine.conf.spark.executor.memory=16g` arrives nested; Spark needs the dotted name."""
+    from tests.conftest import compose_config
+    from vitlab.config import instantiate_node
+
+    cfg = compose_config(
+        "train",
+        [
+            "engine=spark",
+            "+engine.conf.spark.executor.memory=16g",
+            "+engine.conf.spark.archives='e.tgz#environment'",  # quoted: # is grammar
+        ],
+        tmp_path,
+    )
+    engine = instantiate_node(cfg.engine, "engine")
+    assert engine.conf == {
+        "spark.driver.memory": "4g",
+        "spark.executor.memory": "16g",
+        "spark.archives": "e.tgz#environment",
+    }

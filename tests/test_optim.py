@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO, compose_config
+from vitlab.config import to_container
 from vitlab.errors import ConfigError
 from vitlab.optim import (
     WarmupCosine,
@@ -14,7 +15,6 @@ from vitlab.optim import (
     build_scheduler,
     check_optimization,
     follow_monitor,
-    plain_node,
     warmup_cosine_factor,
 )
 from vitlab.pipelines import load
@@ -153,8 +153,8 @@ def test_checkpoint_written_before_the_optimizer_group_loads_but_cannot_train(tm
         module.configure_optimizers()
 
 
-def test_plain_node_keeps_runtime_placeholders(tmp_path):
+def test_config_keeps_runtime_placeholders_until_the_run_fills_them(tmp_path):
     cfg = compose_config("train", ["experiment=quickstart_groupvit"], tmp_path)
-    node = plain_node(cfg.scheduler)
+    node = to_container(cfg.scheduler)
     assert node["total_steps"] == "???" and node["epochs"] == "???"
     assert OmegaConf.is_missing(cfg.scheduler, "total_steps")

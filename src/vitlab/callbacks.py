@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -52,7 +56,33 @@ class BestCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_tie_score = state_dict.get("best_tie_score")
-        super().load_state_dict(state_dict)
+        super().load_state_dict(self._carried_over(state_dict))
+
+    def _carried_over(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Resumed into a new run folder (train.py ckpt_path=...): copy the earlier run's
+        best.ckpt here and keep its score, so the best epoch is chosen as in an uninterrupted
+        run (Lightning would otherwise forget the score and never write into this folder's
+        best.ckpt until the next epoch). The earlier run's files are only read."""
+        old_best = state.get("best_model_path")
+        if not (self.dirpath and old_best and Path(old_best).is_file()):
+            return state
+        if Path(state.get("dirpath") or "").resolve() == Path(self.dirpath).resolve():
+            return state
+        new_best = Path(self.dirpath) / Path(old_best).name
+        new_best.parent.mkdir(parents=True, exist_ok=True)
+        partial = new_best.with_name(new_best.name + ".partial")
+        shutil.copyfile(old_best, partial)
+        partial.replace(new_best)
+        score = state.get("best_model_score")
+        return {
+            **state,
+            "dirpath": self.dirpath,
+            "best_model_path": str(new_best),
+            "kth_best_model_path": str(new_best),
+            "kth_value": score,
+            "best_k_models": {str(new_best): score},
+            "last_model_path": "",
+        }
 
 
 def last_epoch_checkpoint(dirpath: str) -> ModelCheckpoint:
@@ -61,3 +91,77 @@ def last_epoch_checkpoint(dirpath: str) -> ModelCheckpoint:
     return ModelCheckpoint(
         dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def epoch_line(
+    epoch: int,
+    max_epochs: int | None,
+    metrics: dict[str, float],
+    epoch_seconds: float,
+    batches: int,
+    mean_epoch_seconds: float,
+) -> str:
+    """`epoch 3/40 | train/loss 1.234 val/loss 1.100 | 2.1 s/epoch, 57.1 batches/s | ETA 1m17s`"""
+    shown = " ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+    rate = f"{epoch_seconds:.1f} s/epoch, {batches / max(epoch_seconds, 1e-9):.1f} batches/s"
+    total = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
+    line = f"epoch {epoch + 1}{total} | {shown} | {rate}"
+    if max_epochs and max_epochs > 0:
+        line += f" | ETA {format_duration(mean_epoch_seconds * (max_epochs - epoch - 1))}"
+    return line
+
+
+class EpochLog(pl.Callback):
+    """One log line per training epoch (metrics, rate, ETA), whatever the progress bar does:
+    a run whose output goes to a file shows its progress (Hydra writes it to `<run>/*.log`).
+    The ETA assumes every remaining epoch runs (early stopping can end sooner)."""
+
+    def __init__(self, logger_name: str = "vitlab.progress"):
+        self.progress_log = logging.getLogger(logger_name)
+        self._epoch_start = 0.0
+        self._durations: list[float] = []
+        self._batches = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._batches += 1  # counted: a streaming loader has no length
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - self._epoch_start
+        self._durations.append(seconds)
+        metrics = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if isinstance(value, torch.Tensor) and value.numel() == 1
+        }
+        batches = self._batches
+        mean = sum(self._durations[-5:]) / len(self._durations[-5:])  # recent epochs
+        self.progress_log.info(
+            epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, seconds, batches, mean)
+        )
+
+
+def trained_checkpoint(trainer: pl.Trainer, checkpoint_dir: Path) -> Path:
+    """The checkpoint a pipeline continues with: best.ckpt, else last.ckpt, else (with
+    `fast_dev_run`, where checkpoint callbacks do not save) the trained state saved now as
+    final.ckpt."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.best_model_path:
+        return Path(callback.best_model_path)
+    if (checkpoint_dir / "last.ckpt").is_file():
+        return checkpoint_dir / "last.ckpt"
+    final = checkpoint_dir / "final.ckpt"
+    trainer.save_checkpoint(final)
+    return final

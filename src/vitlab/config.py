@@ -95,6 +95,19 @@ def instantiate_node(node: Mapping[str, Any] | DictConfig, key: str, **kwargs: A
         raise ConfigError(f"{key}: {err}") from err
 
 
+def fill_runtime(node: dict[str, Any], runtime: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """`node` with its `???` values set from `runtime` (values only known when the run starts,
+    e.g. the trainer's step count or the run's monitored metric); any other `???` is an error
+    naming `key`."""
+    filled = dict(node)
+    for name, value in node.items():
+        if value == "???":
+            if name not in runtime:
+                raise ConfigError(f"{key}.{name} is not set (???)")
+            filled[name] = runtime[name]
+    return filled
+
+
 def require_choice(cfg: DictConfig, key: str, allowed: Iterable[Any]) -> None:
     value = OmegaConf.select(cfg, key)
     allowed = list(allowed)

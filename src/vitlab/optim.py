@@ -18,27 +18,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vitlab.config import instantiate_node
+from vitlab.config import fill_runtime, instantiate_node, to_container
 from vitlab.errors import ConfigError
 
 LIGHTNING_KEYS = ("interval", "frequency", "monitor")
 RUNTIME_KEYS = ("total_steps", "epochs")
-MISSING = "???"
-
-
-def plain_node(node: Any) -> dict[str, Any] | None:
-    """A config node as a plain dict (`???` kept as the string, to be filled at run time)."""
-    if node is None:
-        return None
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
-    return dict(node)
 
 
 def build_optimizer(node: Mapping[str, Any], params: Iterable[Any]) -> torch.optim.Optimizer:
     """`params`: parameters or parameter groups (a group's own `weight_decay` wins over the
     node's)."""
-    node = plain_node(node)
+    node = to_container(node)
     if not node or not node.get("_partial_"):
         raise ConfigError(
             f"optimizer: expected a `_partial_: true` target (configs/optimizer/*.yaml), "
@@ -55,7 +45,7 @@ def build_scheduler(
     node: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, runtime: Mapping[str, Any]
 ) -> dict[str, Any] | None:
     """Lightning's `lr_scheduler` dict for `node` (None: a constant learning rate)."""
-    node = plain_node(node)
+    node = dict(to_container(node) or {})
     if not node:
         return None
     if "_target_" not in node:
@@ -65,11 +55,9 @@ def build_scheduler(
             "configs/scheduler/)"
         )
     lightning = {key: node.pop(key) for key in LIGHTNING_KEYS if key in node}
-    for key, value in node.items():
-        if value == MISSING:
-            if key not in RUNTIME_KEYS:
-                raise ConfigError(f"scheduler.{key} is not set (???)")
-            node[key] = runtime[key]
+    node = fill_runtime(
+        node, {key: runtime[key] for key in RUNTIME_KEYS if key in runtime}, "scheduler"
+    )
     make = instantiate_node(node, "scheduler")
     try:
         scheduler = make(optimizer)
@@ -166,7 +154,7 @@ def trainer_runtime(trainer: Any) -> dict[str, int]:
 def require_node(node: Any, key: str) -> dict[str, Any]:
     """Checkpoints written before the optimizer/scheduler groups store a name (`"adam"`) or a
     `{name: ...}` dict: they still load for prediction, but cannot be trained further."""
-    plain = plain_node(node) if isinstance(node, Mapping | DictConfig) else None
+    plain = to_container(node) if isinstance(node, Mapping | DictConfig) else None
     if plain is None or "_target_" not in plain:
         raise ConfigError(
             f"{key}={node!r}: written by an older vitlab (before the `{key}` config group); "

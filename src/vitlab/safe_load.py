@@ -111,3 +111,22 @@ def load_lightning_module(module_type: type, path: str | Path) -> Any:
             f"{path} holds {culprit}: not a checkpoint vitlab wrote, and unpickling it could "
             "run code from the file; refused"
         ) from err
+
+
+def fit_resumable(
+    trainer: Any, module: Any, train_loader: Any, val_loader: Any, ckpt_path: str | None
+) -> None:
+    """`trainer.fit`, resuming (model, optimiser, epoch, callbacks) from `ckpt_path` when set,
+    read with the allow-listed unpickler like every checkpoint vitlab loads."""
+    if not ckpt_path:
+        trainer.fit(module, train_loader, val_loader)
+        return
+    try:
+        with allowlisted_globals():
+            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        culprit = unsafe_global_in(err) or "an object outside the allow-list"
+        raise UnsafeCheckpointError(
+            f"ckpt_path={ckpt_path} holds {culprit}: not a checkpoint vitlab wrote, and "
+            "unpickling it could run code from the file; refused"
+        ) from err

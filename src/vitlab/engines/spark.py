@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,19 @@ log = logging.getLogger(__name__)
 RESULT_SCHEMA = "shard long, rows long, report string"
 
 
+def spark_conf(conf: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Spark settings as `spark.x.y -> value`. A command line `engine.conf.spark.executor.memory=
+    16g` arrives nested ({spark: {executor: {memory: 16g}}}); YAML keys may hold the dots."""
+    flat: dict[str, str] = {}
+    for key, value in conf.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(spark_conf(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 class SparkEngine:
     name = "spark"
 
@@ -48,7 +61,7 @@ class SparkEngine:
         shards_per_partition: int = 1,
     ):
         self.master, self.app_name = master, app_name
-        self.conf = dict(conf or {})
+        self.conf = spark_conf(conf or {})
         self.shards_per_partition = max(1, int(shards_per_partition))
 
     def session(self):

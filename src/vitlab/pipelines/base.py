@@ -17,9 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
-from vitlab.config import instantiate_node, set_extra_target_prefixes, to_container
+from vitlab.config import (
+    fill_runtime,
+    instantiate_node,
+    require_choice,
+    set_extra_target_prefixes,
+    to_container,
+)
+from vitlab.console import print_config
 from vitlab.data.synthetic.markers import ForeignFolderError, is_complete, require_claimable
 from vitlab.errors import ConfigError
+from vitlab.quiet import quiet_known_noise
 from vitlab.tracking import RunTracker, recorded_run, set_aside_previous
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,8 @@ class RunContext:
         self._record = recorded_run(self.run_dir, self.summary, self.timer, self.tracker)
 
     def __enter__(self) -> RunContext:
+        if self.cfg.get("print_config") and self.is_global_zero:
+            print_config(self.cfg)
         self._record.__enter__()
         return self
 
@@ -102,10 +112,14 @@ key and suggests `+key=...`, which would add it unread: `begin` names the new on
 def begin(cfg: DictConfig) -> None:
     """What every pipeline does first, before validating: refuse renamed keys, and take the
     `_target_` allow-list's extra packages from this run's config."""
+    quiet_known_noise()
     for old, new in RENAMED_KEYS.items():
         if OmegaConf.select(cfg, old) is not None:
             raise ConfigError(f"{old} was renamed: use {new}")
     set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
+    if cfg.get("callbacks") and "fit" in cfg:  # a bad callbacks= node fails before any stage
+        require_choice(cfg, "fit.mode", ("min", "max"))
+        configured_callbacks(cfg, cfg.fit.monitor, cfg.fit.mode)
 
 
 def ensure_generated(dataset: DictConfig, generate, spec_type, what: str) -> None:
@@ -135,10 +149,9 @@ def build_trainer(
     callbacks: Sequence[pl.Callback] = (),
 ) -> pl.Trainer:
     """The configured Trainer with `best.ckpt` (best `monitor`, ties broken by
-    `fit.tie_breaker`), `last.ckpt` (the last epoch), early stopping on `monitor` and the
-    caller's `callbacks` (e.g. Optuna pruning from sweep.py), logging to the run's loggers."""
-    from pytorch_lightning.callbacks import EarlyStopping
-
+    `fit.tie_breaker`), `last.ckpt` (the last epoch), the `callbacks` group's callbacks (early
+    stopping on `monitor`, LR monitor, a log line per epoch, ...) and the caller's `callbacks`
+    (e.g. Optuna pruning from sweep.py), logging to the run's loggers."""
     set_aside_previous(checkpoint_dir)  # this run owns best.ckpt / last.ckpt (never best-v1)
     all_callbacks: list[pl.Callback] = [
         BestCheckpoint(  # first: it is `trainer.checkpoint_callback`
@@ -149,12 +162,9 @@ def build_trainer(
             tie_breaker=cfg.fit.get("tie_breaker"),
         ),
         last_epoch_checkpoint(str(checkpoint_dir)),
+        *configured_callbacks(cfg, monitor, mode),
         *callbacks,
     ]
-    if cfg.fit.early_stopping_patience:
-        all_callbacks.append(
-            EarlyStopping(monitor=monitor, mode=mode, patience=cfg.fit.early_stopping_patience)
-        )
     return instantiate_node(
         cfg.trainer,
         "trainer",
@@ -162,6 +172,35 @@ def build_trainer(
         logger=run.tracker.loggers,
         default_root_dir=str(run.run_dir),
     )
+
+
+def configured_callbacks(cfg: DictConfig, monitor: str, mode: str) -> list[pl.Callback]:
+    """The `callbacks` group's nodes, their `???` monitor/mode set to this run's (train/loss
+    when a run has no validation split); early stopping with patience 0 is off."""
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        key = f"callbacks.{name}"
+        plain = fill_runtime(to_container(node), {"monitor": monitor, "mode": mode}, key)
+        if "EarlyStopping" in str(plain.get("_target_")) and plain.get("patience") == 0:
+            continue
+        built.append(instantiate_node(plain, key))
+    return built
+
+
+def check_resume(cfg: DictConfig, supported: bool = True) -> None:
+    """`ckpt_path` (train.py: resume training) names an existing checkpoint file."""
+    path = cfg.get("ckpt_path")
+    if not path:
+        return
+    if not supported:
+        raise ConfigError(
+            f"ckpt_path={path}: pipeline={cfg.pipeline} cannot resume a run (rerun it: the "
+            "stage cache keeps its embeddings)"
+        )
+    if not Path(path).is_file():
+        raise ConfigError(f"ckpt_path={path}: no such checkpoint file (a .ckpt to resume from)")
 
 
 def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:

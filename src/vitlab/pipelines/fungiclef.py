@@ -23,6 +23,7 @@ from scipy.special import softmax
 from torch.utils.data import WeightedRandomSampler
 
 from vitlab.cache import directory_fingerprint, file_sha256
+from vitlab.callbacks import trained_checkpoint
 from vitlab.config import (
     instantiate_node,
     require_choice,
@@ -63,13 +64,14 @@ from vitlab.metrics.fungiclef import (
     read_poison_list,
     write_fungiclef_submission,
 )
-from vitlab.optim import check_optimization, plain_node
+from vitlab.optim import check_optimization
 from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
     RunSummary,
     begin,
     build_trainer,
+    check_resume,
     ensure_generated,
     numeric_metrics,
 )
@@ -101,6 +103,7 @@ def validate_fungiclef(cfg: DictConfig) -> None:
     """Checks that need no work, naming the key and the allowed values."""
     require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
     require_choice(cfg, "sampler", SAMPLERS)
+    check_resume(cfg, supported=False)
     require_choice(cfg, "ensemble.average", AVERAGES)
     require_choice(cfg, "ensemble.tune_track", TUNE_TRACKS)
     require_choice(cfg, "fit.mode", ("min", "max"))
@@ -134,8 +137,8 @@ def fold_module(cfg: DictConfig, **runtime: Any) -> FungiClassifier:
         head=to_container(cfg.head.model),
         loss=to_container(cfg.loss),
         aux_weights=to_container(cfg.aux_targets),
-        optimizer=plain_node(cfg.optimizer),
-        scheduler=plain_node(cfg.get("scheduler")),
+        optimizer=to_container(cfg.optimizer),
+        scheduler=to_container(cfg.get("scheduler")),
         **runtime,
     )
 
@@ -450,7 +453,7 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run: RunContext, callba
         fold_dir = run.run_dir / "checkpoints" / name
         trainer = build_trainer(cfg, run, fold_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
         trainer.fit(module, loader, val_loader)
-        best = Path(trainer.checkpoint_callback.best_model_path or fold_dir / "last.ckpt")
+        best = trained_checkpoint(trainer, fold_dir)
         folds.append(FoldModel(name, load_lightning_module(FungiClassifier, best), best, val_rows))
         summary.setdefault("folds", {})[name] = {
             "checkpoint": str(best),

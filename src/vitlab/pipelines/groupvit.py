@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from vitlab.callbacks import trained_checkpoint
 from vitlab.config import (
     require_choice,
     require_positive,
@@ -50,15 +51,17 @@ from vitlab.models.groupvit.model import (
 )
 from vitlab.models.groupvit.tagged_sample import SampleTrainedTagger
 from vitlab.models.groupvit.text import KINDS, PAD_MODES, CaptionLabeler, nltk_pos_tagger
-from vitlab.optim import check_optimization, plain_node
+from vitlab.optim import check_optimization
 from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
     RunSummary,
     begin,
     build_trainer,
+    check_resume,
     ensure_generated,
 )
+from vitlab.safe_load import fit_resumable
 from vitlab.tasks.groupvit import COMPONENTS, GroupViTFineTuner, LossWeights
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,7 @@ def validate_groupvit(cfg: DictConfig) -> None:
         raise ConfigError("pipeline=groupvit needs a groupvit recipe: use experiment=<groupvit_*>")
     require_set(cfg, "dataset.root", "groupvit.model.source")
     require_choice(cfg, "groupvit.labels.kind", KINDS)
+    check_resume(cfg)
     require_choice(cfg, "groupvit.labels.pad", PAD_MODES)
     require_choice(cfg, "groupvit.labels.tagger", TAGGERS)
     require_choice(cfg, "groupvit.model.kind", CHECKPOINT_KINDS)
@@ -204,8 +208,8 @@ def train_groupvit(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Ru
             model,
             trainable=list(gv.trainable),
             losses=to_container(gv.losses),
-            optimizer=plain_node(cfg.optimizer),
-            scheduler=plain_node(cfg.get("scheduler")),
+            optimizer=to_container(cfg.optimizer),
+            scheduler=to_container(cfg.get("scheduler")),
             context={"model": to_container(gv.model), "labels": to_container(gv.labels)},
             entropy_map_dir=str(run_dir / "media"),
         )
@@ -218,8 +222,14 @@ def train_groupvit(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Ru
         trainer = build_trainer(cfg, run, checkpoint_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
         trainer.callbacks.append(EpochCaptions(train_set))
         with run.stage("fit"):
-            trainer.fit(module, _loader(train_set, cfg, True), _loader(val_set, cfg, False))
-        best = trainer.checkpoint_callback.best_model_path or str(checkpoint_dir / "last.ckpt")
+            fit_resumable(
+                trainer,
+                module,
+                _loader(train_set, cfg, True),
+                _loader(val_set, cfg, False),
+                cfg.get("ckpt_path"),
+            )
+        best = str(trained_checkpoint(trainer, checkpoint_dir))
         summary["best_checkpoint"] = best
         summary["fit_metrics"] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1

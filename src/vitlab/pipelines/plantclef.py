@@ -36,13 +36,14 @@ from vitlab.devices import require_accelerator
 from vitlab.errors import ConfigError
 from vitlab.losses import LabelStats, check_loss_input
 from vitlab.metrics.plantclef import plantclef_scores
-from vitlab.optim import check_optimization, follow_monitor, plain_node
+from vitlab.optim import check_optimization, follow_monitor
 from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
     RunSummary,
     begin,
     build_trainer,
+    check_resume,
     ensure_generated,
     numeric_metrics,
 )
@@ -69,6 +70,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks that need no work; components validate their own arguments on instantiation."""
     require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
     require_choice(cfg, "predictor", PREDICTORS)
+    check_resume(cfg)
     require_choice(cfg, "fit.mode", ("min", "max"))
     require_choice(cfg, "fit.loader", LOADERS)
     require_positive(
@@ -108,8 +110,8 @@ def check_head_and_loss(cfg: DictConfig) -> None:
             loss=to_container(cfg.loss),
             in_features=8,
             species_ids=list(range(stats.num_classes)),
-            optimizer=plain_node(cfg.optimizer),
-            scheduler=plain_node(cfg.get("scheduler")),
+            optimizer=to_container(cfg.optimizer),
+            scheduler=to_container(cfg.get("scheduler")),
             class_counts=list(stats.class_counts),
         )
     except ConfigError as err:
@@ -221,14 +223,16 @@ def _fit(
         loss=to_container(cfg.loss),
         in_features=splits.dim,
         species_ids=splits.species_ids,
-        optimizer=plain_node(cfg.optimizer),
-        scheduler=follow_monitor(plain_node(cfg.get("scheduler")), monitor, mode),
+        optimizer=to_container(cfg.optimizer),
+        scheduler=follow_monitor(to_container(cfg.get("scheduler")), monitor, mode),
         context=context,
         class_counts=train_class_counts(splits),
     )
     checkpoint_dir = run.run_dir / "checkpoints"
     trainer = build_trainer(cfg, run, checkpoint_dir, monitor, mode, callbacks)
-    result = fit_head(splits, module, trainer, cfg.head.batch_size, checkpoint_dir)
+    result = fit_head(
+        splits, module, trainer, cfg.head.batch_size, checkpoint_dir, cfg.get("ckpt_path")
+    )
     if result.last_checkpoint:
         write_label_map(result.last_checkpoint.parent, splits.species_ids)
     summary["best_checkpoint"] = str(result.best_checkpoint)

@@ -111,7 +111,12 @@ def embed_prepared(
     # dropped (the stage is incomplete again) and recomputed below.
     stage.verify(checksum=True)
     if stage.complete:
-        log.info("embed: cache hit %s (%s)", key, stage.directory)
+        log.info(
+            "embed: cache hit (key %s, %s)%s",
+            key,
+            stage.directory,
+            "" if engine.name == "local" else f", engine={engine.name} not started",
+        )
         return stage
     stage.remove_stale_temporaries()
     todo = [i for i in prepared.shard_indices() if not stage.has_shard(i)]

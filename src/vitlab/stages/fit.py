@@ -18,11 +18,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from vitlab.callbacks import trained_checkpoint
+from vitlab.data.epoch_shuffle import EpochShuffle
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings, atomic_write_text
 from vitlab.data.streaming import ParquetStream
 from vitlab.errors import ConfigError
 from vitlab.metrics.classification import accuracy, macro_f1
-from vitlab.safe_load import load_lightning_module
+from vitlab.safe_load import fit_resumable, load_lightning_module
 from vitlab.tasks.classification import EmbeddingClassifier
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,8 @@ class EmbeddingSplits:
         if not self.streaming:
             x, y = self.arrays[tag]
             dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+            sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
         stream = ParquetStream(
             self.shard_paths,
             batch_size=batch_size,
@@ -162,16 +165,14 @@ def fit_head(
     trainer: pl.Trainer,
     batch_size: int,
     checkpoint_dir: Path,
+    resume_from: str | None = None,
 ) -> FitResult:
     train_loader = splits.loader("train", batch_size, shuffle=True)
     val_loader = splits.loader("val", batch_size, shuffle=False)
-    trainer.fit(module, train_loader, val_loader)
+    fit_resumable(trainer, module, train_loader, val_loader, resume_from)
     ckpt_cb = trainer.checkpoint_callback
-    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
     last = checkpoint_dir / "last.ckpt" if (checkpoint_dir / "last.ckpt").is_file() else None
-    if best is None:
-        best = checkpoint_dir / "final.ckpt"
-        trainer.save_checkpoint(best)
+    best = trained_checkpoint(trainer, checkpoint_dir)
     write_label_map(best.parent, splits.species_ids)
     best_module = load_lightning_module(EmbeddingClassifier, best)
     # callback_metrics are the last epoch's; the *_images/* metrics below are the best checkpoint's

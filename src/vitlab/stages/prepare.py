@@ -146,7 +146,12 @@ def prepare_images(
     # a hit: sizes only (a stat per shard); a resume: checksums of the shards it keeps
     stage.verify(checksum=not stage.complete)
     if stage.complete:
-        log.info("prepare: cache hit %s (%s)", key, stage.directory)
+        log.info(
+            "prepare: cache hit (key %s, %s)%s",
+            key,
+            stage.directory,
+            "" if engine.name == "local" else f", engine={engine.name} not started",
+        )
         return stage
     stage.rebuild()
     return stage

@@ -12,7 +12,7 @@ bicubic position-embedding interpolation to any input size, and a clamped logit 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,6 @@ class GroupViTSpec:
     projection_hidden: int = 4096
     projection_dim: int = 256
     logit_scale_init: float = LOGIT_SCALE_INIT
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("depths", "num_group_tokens", "num_output_groups", "assign_mlp_ratio"):
@@ -74,7 +73,6 @@ class GroupViTSpec:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.pop("extra")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @classmethod
