@@ -256,3 +256,96 @@ def test_cli_errors(tmp_path, capsys):
     Image.new("RGB", images[1][1].shape[::-1]).save(pred_dir / "img01.png")
     code, _, err = _cli(capsys, *base)
     assert code == 2 and "img01.png" in err and "mode RGB" in err
+
+
+def _voc_folder(tmp_path, n_train=4, n_val=3):
+    """A VOC2012-layout folder: SegmentationClass holds train and val truth, ImageSets lists
+    them; predictions exist for the val ids only (what a zero-shot evaluation produces)."""
+    rng = np.random.default_rng(3)
+    voc = tmp_path / "VOC2012"
+    truth_dir, pred_dir = voc / "SegmentationClass", tmp_path / "pred"
+    sets = voc / "ImageSets" / "Segmentation"
+    for d in (truth_dir, pred_dir, sets):
+        d.mkdir(parents=True)
+    images = _random_images(rng, n_train + n_val)
+    ids = [f"2007_{i:06d}" for i in range(n_train + n_val)]
+    for image_id, (_, truth) in zip(ids, images, strict=True):
+        _write_png(truth_dir / f"{image_id}.png", truth, True)
+    val = list(range(n_train, n_train + n_val))
+    for i in val:
+        _write_png(pred_dir / f"{ids[i]}.png", images[i][0], True)
+    (sets / "train.txt").write_text("".join(f"{ids[i]}\n" for i in range(n_train)))
+    (sets / "val.txt").write_text("".join(f"{ids[i]}\n" for i in val))
+    return truth_dir, pred_dir, sets / "val.txt", [images[i] for i in val], [ids[i] for i in val]
+
+
+def test_cli_split_scores_only_the_listed_val_ids(tmp_path, capsys):
+    truth_dir, pred_dir, val_txt, val_images, val_ids = _voc_folder(tmp_path)
+    base = ["--truth", truth_dir, "--pred", pred_dir, "--num-classes", C]
+
+    code, _, err = _cli(capsys, *base)  # without a split: the train truth has no prediction
+    assert code == 2 and "4 truth file(s) without a prediction" in err and "--split" in err
+
+    code, out, err = _cli(capsys, *base, "--split", val_txt)
+    assert code == 0, err
+    scores = json.loads(out)
+    _, iou, miou, pixel_acc = _oracle(val_images)  # the val images alone
+    assert scores["n_images"] == 3
+    assert scores["miou"] == pytest.approx(miou, abs=1e-12)
+    assert scores["pixel_accuracy"] == pytest.approx(pixel_acc, abs=1e-12)
+
+    # the same subset given as ids (stems or file names), and the accumulator directly
+    code, out2, err = _cli(capsys, *base, "--ids", val_ids[0], f"{val_ids[1]}.png", val_ids[2])
+    assert code == 0, err
+    assert json.loads(out2) == scores
+    acc = ConfusionMatrixAccumulator(C)
+    for pred, truth in val_images:
+        acc.update(pred, truth)
+    assert scores["miou"] == pytest.approx(acc.miou(), abs=1e-12)
+
+    subprocess_scores = subprocess.run(
+        [sys.executable, "-m", "vitlab.metrics", "miou", *map(str, base), "--split", val_txt],
+        capture_output=True,
+        text=True,
+    )
+    assert subprocess_scores.returncode == 0, subprocess_scores.stderr
+    assert json.loads(subprocess_scores.stdout) == scores
+
+
+def test_cli_split_errors_name_the_file_and_line(tmp_path, capsys):
+    truth_dir, pred_dir, val_txt, _, val_ids = _voc_folder(tmp_path)
+    base = ["--truth", truth_dir, "--pred", pred_dir, "--num-classes", C]
+
+    val_txt.write_text(f"{val_ids[0]}\n\n{val_ids[1]}\n2007_999999\n{val_ids[2]}\n")
+    code, out, err = _cli(capsys, *base, "--split", val_txt)
+    assert code == 2 and out == ""
+    assert f"{val_txt} line 4" in err and "2007_999999" in err
+    assert "no truth file" in err and "no prediction file" in err
+
+    train_id = "2007_000000"  # has truth, no prediction
+    val_txt.write_text(f"{val_ids[0]}\n{train_id}\n")
+    code, _, err = _cli(capsys, *base, "--split", val_txt)
+    assert code == 2 and f"{val_txt} line 2" in err
+    assert str(pred_dir / f"{train_id}.png") in err and "no truth file" not in err
+
+    (pred_dir / f"{val_ids[1]}.png").rename(tmp_path / "moved.png")  # missing prediction
+    code, _, err = _cli(capsys, *base, "--ids", val_ids[0], val_ids[1])
+    assert code == 2 and "--ids item 2" in err and f"{val_ids[1]}.png" in err
+
+    val_txt.write_text(f"{val_ids[0]}\n{val_ids[0]}\n")
+    code, _, err = _cli(capsys, *base, "--split", val_txt)
+    assert code == 2 and "listed twice" in err and "line 1" in err and "line 2" in err
+
+    val_txt.write_text("../SegmentationClass/2007_000000\n")
+    code, _, err = _cli(capsys, *base, "--split", val_txt)
+    assert code == 2 and "not an image id" in err and "line 1" in err
+
+    val_txt.write_text("\n\n")
+    code, _, err = _cli(capsys, *base, "--split", val_txt)
+    assert code == 2 and "no image ids" in err
+
+    code, _, err = _cli(capsys, *base, "--split", tmp_path / "absent.txt")
+    assert code == 2 and "absent.txt" in err and "cannot read" in err
+
+    with pytest.raises(SystemExit):  # argparse: one way of choosing the subset
+        main(["miou", *map(str, base), "--split", str(val_txt), "--ids", val_ids[0]])

@@ -3,7 +3,7 @@ embedding maps. Pure computations plus PNG writers (matplotlib, Agg)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +24,140 @@ def poison_confusion(truth: np.ndarray, pred: np.ndarray, poisonous: Iterable[in
 
 
 def per_class_f1(truth: np.ndarray, pred: np.ndarray) -> dict[int, tuple[float, int]]:
-    """class -> (F1, support in truth) over the union of labels."""
-    out = {}
-    for label in np.union1d(truth, pred):
-        tp = int(np.sum((truth == label) & (pred == label)))
-        fp = int(np.sum((truth != label) & (pred == label)))
-        fn = int(np.sum((truth == label) & (pred != label)))
-        out[int(label)] = (2 * tp / (2 * tp + fp + fn) if tp else 0.0, tp + fn)
-    return out
+    """class -> (F1, support in truth) over the union of labels (bincounts: O(N + C))."""
+    truth, pred = np.asarray(truth).ravel(), np.asarray(pred).ravel()
+    labels, inverse = np.unique(np.concatenate([truth, pred]), return_inverse=True)
+    t_idx, p_idx = inverse[: truth.size], inverse[truth.size :]
+    n = labels.size
+    tp = np.bincount(t_idx[truth == pred], minlength=n)
+    n_true, n_pred = np.bincount(t_idx, minlength=n), np.bincount(p_idx, minlength=n)
+    f1 = 2 * tp / np.maximum(n_true + n_pred, 1)
+    return {int(c): (float(f), int(s)) for c, f, s in zip(labels, f1, n_true, strict=True)}
+
+
+F1_FIGSIZE = (13.0, 7.5)  # inches at F1_DPI: 1300 x 750 px whatever the number of classes
+F1_DPI = 100
+
+
+def _class_label(class_id: int, names: Mapping[int, str] | None, width: int = 34) -> str:
+    name = (names or {}).get(class_id)
+    if not name:
+        return str(class_id)
+    name = name if len(name) <= width else name[: width - 1] + "…"
+    return f"{name} ({class_id})"
+
+
+def f1_distribution_png(
+    scores: Mapping[int, tuple[float, int]],
+    path: Path,
+    names: Mapping[int, str] | None = None,
+    k: int = 15,
+    what: str = "species",
+    title: str = "",
+) -> Path:
+    """One fixed-size figure (F1_FIGSIZE) of per-class F1 at any number of classes: the
+    histogram of the F1 values (macro F1 = their mean) and the best and worst `k` classes with
+    their names, or every class ranked when there are at most 2k.
+
+    `scores`: class id -> (F1, support in the truth), e.g. `per_class_f1`. Ties are broken by
+    support, larger first: the worst are the most frequent classes never or rarely right, the
+    best the most frequent ones reliably right. `names`: class id -> display name (optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = np.array(list(scores), dtype=np.int64)
+    f1 = np.array([scores[int(i)][0] for i in ids], dtype=float)
+    support = np.array([scores[int(i)][1] for i in ids], dtype=np.int64)
+    n = len(ids)
+    fig = plt.figure(figsize=F1_FIGSIZE, layout="constrained")  # room for the names
+    if n == 0:
+        fig.text(0.5, 0.5, f"no {what} in truth or prediction", ha="center", va="center")
+        return _save(fig, path)
+    best_order, worst_order = rank_classes(f1, support)
+    grid = fig.add_gridspec(2, 2, width_ratios=(1.0, 1.1))
+    hist = fig.add_subplot(grid[:, 0])
+    _f1_histogram(hist, f1, what)
+    if n <= 2 * k:
+        panels = [(grid[:, 1], best_order, f"all {n} {what}, best first")]
+    else:
+        n_zero = int((f1 == 0).sum())
+        worst_note = f": {n_zero} at F1 = 0, the most frequent shown" if n_zero > k else ""
+        n_one = int((f1 == 1).sum())
+        best_note = f": {n_one} at F1 = 1, the most frequent shown" if n_one > k else ""
+        panels = [
+            (grid[0, 1], best_order[:k], f"best {k} {what}{best_note}"),
+            (grid[1, 1], worst_order[:k], f"worst {k} {what}{worst_note}"),
+        ]
+    for cell, order, panel_title in panels:
+        _ranked_bars(fig.add_subplot(cell), order, ids, f1, support, names, panel_title)
+    macro = float(f1.mean())
+    fig.suptitle(title or f"per-{what.rstrip('s')} F1: macro {macro:.3f} over {n} {what}")
+    return _save(fig, path)
+
+
+def rank_classes(f1: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices best first (F1 descending) and worst first (F1 ascending), ties broken by support
+    descending in both: among equal F1 the most frequent classes come first."""
+    f1, support = np.asarray(f1, dtype=float), np.asarray(support)
+    return np.lexsort((-support, -f1)), np.lexsort((-support, f1))
+
+
+def _f1_histogram(ax, f1: np.ndarray, what: str) -> None:
+    """Exactly 0 and exactly 1 get bars of their own (often the largest groups); the rest in
+    tenths. Counts on the bars, mean and median marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    inner = f1[(f1 > 0) & (f1 < 1)]
+    edges = np.linspace(0, 1, 11)
+    counts, _ = np.histogram(inner, bins=edges)
+    lefts = [-0.1, *edges[:-1], 1.0]
+    heights = [int((f1 == 0).sum()), *counts.tolist(), int((f1 == 1).sum())]
+    colours = ["tab:red", *["tab:blue"] * len(counts), "tab:green"]
+    bars = ax.bar(lefts, heights, width=0.095, align="edge", color=colours)
+    ax.bar_label(bars, [str(h) if h else "" for h in heights], fontsize=8, padding=1)
+    ax.set_xticks([-0.05, *edges[:-1] + 0.05, 1.05])
+    ax.set_xticklabels(["=0", *(f"{a:.1f}-{a + 0.1:.1f}" for a in edges[:-1]), "=1"])
+    ax.tick_params(axis="x", labelrotation=60, labelsize=8)
+    ax.set_xlim(-0.12, 1.12)
+    ax.set_ylim(0, max(heights) * 1.12 + 1)
+    mean, median = float(f1.mean()), float(np.median(f1))
+    ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"mean (macro) {mean:.3f}")
+    ax.axvline(median, color="grey", linestyle=":", linewidth=1.5, label=f"median {median:.3f}")
+    ax.legend(fontsize=8, loc="best")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("F1")
+    ax.set_ylabel(f"number of {what}")
+    ax.set_title(f"distribution over {len(f1)} {what}", fontsize=10)
+
+
+def _ranked_bars(ax, order, ids, f1, support, names, title: str) -> None:
+    rows = len(order)
+    y = np.arange(rows)
+    values = f1[order]
+    ax.barh(y, values, color=np.where(values == 0, "tab:red", "tab:blue"), height=0.7)
+    ax.set_yticks(y, [_class_label(int(ids[i]), names) for i in order])
+    ax.tick_params(axis="y", labelsize=8 if rows <= 20 else 6, length=0)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.22)  # room for the value labels at F1 = 1
+    ax.set_xticks(np.linspace(0, 1, 6))
+    for row, i in enumerate(order):
+        ax.text(f1[i] + 0.01, row, f"{f1[i]:.2f}  n={support[i]}", va="center", fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("F1   (n = support: how often the truth holds it)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=F1_DPI, format="png")  # fixed size: no tight bbox
+    finally:
+        plt.close(fig)
+    return path
 
 
 def project_2d(embeddings: np.ndarray, method: str, seed: int = 0) -> np.ndarray:

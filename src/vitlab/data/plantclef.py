@@ -105,6 +105,33 @@ def read_training_metadata(path: str | Path, required_only: bool = False) -> pd.
     return frame.reset_index(drop=True)
 
 
+def read_species_names(path: str | Path | None) -> dict[int, str]:
+    """species_id -> species (scientific name) from the training metadata CSV, for labelling
+    charts. Names are cosmetic: a missing file, column or unreadable CSV gives {} (logged), never
+    an error."""
+    if not path or not Path(path).is_file():
+        return {}
+    try:
+        frame = pd.read_csv(
+            path,
+            sep=";",
+            usecols=lambda c: c in ("species_id", "species"),
+            dtype={"species": str},
+            encoding="utf-8",
+            low_memory=False,
+        )
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        log.info("no species names from %s: %s", path, err)
+        return {}
+    if not {"species_id", "species"} <= set(frame.columns):
+        log.info("no species names: %s has no species_id/species columns", path)
+        return {}
+    frame = frame.dropna().drop_duplicates("species_id")
+    ids = pd.to_numeric(frame["species_id"], errors="coerce")
+    keep = ids.notna()
+    return dict(zip(ids[keep].astype("int64").tolist(), frame["species"][keep], strict=True))
+
+
 def _drop_duplicate_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Drop exact duplicates (warned, counted); fail on an image listed with two labels/tags."""
     frame.attrs["duplicate_rows"] = 0

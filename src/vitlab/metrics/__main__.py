@@ -1,6 +1,7 @@
 """Score submission files: `python -m vitlab.metrics plantclef --truth T.csv --submission S.csv`,
 or `python -m vitlab.metrics fungiclef --truth T.csv --submission S.csv --poison P.csv`,
-or `python -m vitlab.metrics miou --truth DIR --pred DIR --num-classes N` (PNG label maps).
+or `python -m vitlab.metrics miou --truth DIR --pred DIR --num-classes N` (PNG label maps;
+`--split val.txt` or `--ids ...` scores only the listed image ids, as on a VOC folder).
 
 Prints one JSON object. Exit code 2 with a message naming the file and line on malformed input.
 """
@@ -62,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         "--reduce-zero-label",
         action="store_true",
         help="ADE20K: truth 0 is ignored and other truth labels shift down by one",
+    )
+    subset = seg.add_mutually_exclusive_group()
+    subset.add_argument(
+        "--split",
+        metavar="FILE",
+        help="score only the image ids listed in FILE, one per line, as VOC's "
+        "ImageSets/Segmentation/val.txt (id = file name without .png); other files in "
+        "--truth/--pred are ignored",
+    )
+    subset.add_argument(
+        "--ids", nargs="+", metavar="ID", help="score only these image ids (as --split)"
     )
     args = parser.parse_args(argv)
     if args.task == "fungiclef":
@@ -143,6 +155,76 @@ def _score_pair(
     return None
 
 
+def _folder_names(truth_dir: Path, pred_dir: Path) -> list[str] | None:
+    """Every truth PNG, each of which needs a prediction; None (error printed) otherwise."""
+
+    def pngs(folder: Path) -> set[str]:
+        return {p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+
+    truth_names, pred_names = pngs(truth_dir), pngs(pred_dir)
+    if not truth_names:
+        print(f"error: no PNG label maps in --truth {truth_dir}", file=sys.stderr)
+        return None
+    missing = sorted(truth_names - pred_names)
+    if missing:
+        print(
+            f"error: {len(missing)} truth file(s) without a prediction in {pred_dir}, "
+            f"e.g. {missing[:3]}; to score a subset (e.g. VOC's val), pass "
+            "--split ImageSets/Segmentation/val.txt or --ids",
+            file=sys.stderr,
+        )
+        return None
+    extra = sorted(pred_names - truth_names)
+    if extra:
+        print(
+            f"warning: ignoring {len(extra)} prediction(s) without a truth file, e.g. {extra[:3]}",
+            file=sys.stderr,
+        )
+    return sorted(truth_names)
+
+
+def _listed_names(
+    split: str | None, ids: list[str] | None, truth_dir: Path, pred_dir: Path
+) -> list[str]:
+    """`<id>.png` for each listed id, in list order, after checking every id has a truth and a
+    prediction file. Errors name the list's file and line (or the --ids position)."""
+    if split is not None:
+        path = Path(split)
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise _LabelMapError(f"--split {path}: cannot read: {err}") from err
+        entries = [(f"{path} line {n}", line.strip()) for n, line in enumerate(lines, 1)]
+        entries = [(where, i) for where, i in entries if i]  # blank lines (a trailing one)
+        source = f"--split {path}"
+    else:
+        entries = [(f"--ids item {n}", i.strip()) for n, i in enumerate(ids or [], 1)]
+        source = "--ids"
+    if not entries:
+        raise _LabelMapError(f"{source}: no image ids listed")
+    seen: dict[str, str] = {}
+    problems: list[str] = []
+    for where, image_id in entries:
+        # VOC ids are stems; an id given with its extension is the same image
+        name = image_id if image_id.lower().endswith(".png") else f"{image_id}.png"
+        if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
+            problems.append(f"{where}: {image_id!r} is not an image id (a file name in the folder)")
+        elif name in seen:
+            problems.append(f"{where}: {image_id!r} is listed twice (first at {seen[name]})")
+        else:
+            seen[name] = where
+            for folder, kind in ((truth_dir, "truth"), (pred_dir, "prediction")):
+                if not (folder / name).is_file():
+                    problems.append(f"{where}: id {image_id!r} has no {kind} file {folder / name}")
+    if problems:  # all of them at once (the first five), not one per run
+        shown = "\n  ".join(problems[:5])
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise _LabelMapError(
+            f"{len(problems)} problem(s) with the ids of {source}:\n  {shown}{more}"
+        )
+    return list(seen)
+
+
 def _miou(args: argparse.Namespace) -> int:
     truth_dir, pred_dir = Path(args.truth), Path(args.pred)
     for flag, folder in (("--truth", truth_dir), ("--pred", pred_dir)):
@@ -153,30 +235,18 @@ def _miou(args: argparse.Namespace) -> int:
         print(f"error: --num-classes must be >= 1, got {args.num_classes}", file=sys.stderr)
         return 2
 
-    def pngs(folder: Path) -> set[str]:
-        return {p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
-
-    truth_names, pred_names = pngs(truth_dir), pngs(pred_dir)
-    if not truth_names:
-        print(f"error: no PNG label maps in --truth {truth_dir}", file=sys.stderr)
-        return 2
-    missing = sorted(truth_names - pred_names)
-    if missing:
-        print(
-            f"error: {len(missing)} truth file(s) without a prediction in {pred_dir}, "
-            f"e.g. {missing[:3]}",
-            file=sys.stderr,
-        )
-        return 2
-    extra = sorted(pred_names - truth_names)
-    if extra:
-        print(
-            f"warning: ignoring {len(extra)} prediction(s) without a truth file, e.g. {extra[:3]}",
-            file=sys.stderr,
-        )
+    if args.split is not None or args.ids is not None:
+        try:
+            names = _listed_names(args.split, args.ids, truth_dir, pred_dir)
+        except _LabelMapError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    else:
+        names = _folder_names(truth_dir, pred_dir)
+        if names is None:
+            return 2
 
     acc = ConfusionMatrixAccumulator(args.num_classes, args.ignore, args.reduce_zero_label)
-    names = sorted(truth_names)
     error = None
     with progress(len(names), "miou", disable=len(names) < 20) as bar:
         for name in names:

@@ -28,6 +28,7 @@ from vitlab.data.missing_images import FRACTION_KEY, check_max_missing_fraction
 from vitlab.data.plantclef import (
     check_plantclef_dataset,
     read_ground_truth,
+    read_species_names,
     read_submission,
     write_submission,
 )
@@ -294,7 +295,12 @@ def _predict_and_score(
                 ["plot_id", "truth", "prediction", "f1"],
                 per_plot_rows(truth, result.predictions),
             )
-            chart = plot_per_species_f1(truth, result.predictions, run_dir / "per_species_f1.png")
+            chart = plot_per_species_f1(
+                truth,
+                result.predictions,
+                run_dir / "per_species_f1.png",
+                read_species_names(cfg.dataset.get("metadata_csv")),
+            )
             tracker.log_image("per_species_f1", chart)
         log.info("scores: %s", scores)
     else:

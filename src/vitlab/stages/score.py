@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vitlab.atomic import atomic_output
 from vitlab.metrics.plantclef import per_plot_f1, per_species_f1, plantclef_scores
+from vitlab.reports import f1_distribution_png
 
 
 def per_plot_rows(
@@ -20,25 +21,24 @@ def per_plot_rows(
     ]
 
 
+def per_species_f1_support(
+    truth: Mapping[str, Sequence[int]], predictions: Mapping[str, Sequence[int]]
+) -> dict[int, tuple[float, int]]:
+    """species -> (F1, number of truth plots holding it), over truth ∪ prediction."""
+    support = Counter(s for labels in truth.values() for s in set(labels))
+    return {s: (f1, support[s]) for s, f1 in per_species_f1(truth, predictions).items()}
+
+
 def plot_per_species_f1(
-    truth: Mapping[str, Sequence[int]], predictions: Mapping[str, Sequence[int]], path: Path
+    truth: Mapping[str, Sequence[int]],
+    predictions: Mapping[str, Sequence[int]],
+    path: Path,
+    names: Mapping[int, str] | None = None,
+    k: int = 15,
 ) -> Path:
-    """Bar chart of the per-species F1 terms (sorted), written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores = sorted(per_species_f1(truth, predictions).items(), key=lambda kv: -kv[1])
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(scores)), 4))
-    ax.bar(range(len(scores)), [s for _, s in scores], color="tab:green")
-    ax.set_xticks(range(len(scores)), [str(k) for k, _ in scores], rotation=90, fontsize=6)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("F1")
+    """The per-species F1 terms as one fixed-size PNG at any number of species: their
+    histogram and the best and worst `k` species (named when `names` maps id -> name)."""
     overall = plantclef_scores(truth, predictions)["macro_f1_per_species"]
-    ax.set_title(f"per-species F1 (macro {overall:.3f})")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    scores = per_species_f1_support(truth, predictions)
+    title = f"per-species F1 over {len(scores)} species (macro {overall:.3f})"
+    return f1_distribution_png(scores, path, names, k=k, what="species", title=title)

@@ -7,11 +7,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab import optim
 from vitlab.config import instantiate_node
 from vitlab.losses import LabelStats, build_loss
-from vitlab.metrics.classification import accuracy, macro_f1
+from vitlab.metrics.classification import MacroF1
 
 
 class EmbeddingClassifier(pl.LightningModule):
@@ -43,8 +44,9 @@ class EmbeddingClassifier(pl.LightningModule):
         )
         self.loss_fn = build_loss(loss, LabelStats(len(species_ids), class_counts))
         self.species_ids = list(species_ids)
-        self._val_preds: list[torch.Tensor] = []
-        self._val_targets: list[torch.Tensor] = []
+        # epoch-level validation metrics, summed over DDP ranks (not saved in checkpoints)
+        self.val_acc = MulticlassAccuracy(len(species_ids), average="micro", validate_args=False)
+        self.val_macro_f1 = MacroF1(len(species_ids))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
@@ -58,19 +60,14 @@ class EmbeddingClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
         out = self.head(x)
-        self.log("val/loss", self.loss_fn(out, y), on_epoch=True, batch_size=len(y))
-        self._val_preds.append(out.argmax(dim=-1).cpu())
-        self._val_targets.append(y.cpu())
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_preds:
-            return
-        pred = torch.cat(self._val_preds).numpy()
-        truth = torch.cat(self._val_targets).numpy()
-        self._val_preds.clear()
-        self._val_targets.clear()
-        self.log("val/acc", accuracy(truth, pred), prog_bar=True)
-        self.log("val/macro_f1", macro_f1(truth, pred), prog_bar=True)
+        loss = self.loss_fn(out, y)
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
+        pred = out.argmax(dim=-1)
+        self.val_acc.update(pred, y)
+        self.val_macro_f1.update(pred, y)
+        # Lightning computes (synced across ranks) and resets the metric objects each epoch
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/macro_f1", self.val_macro_f1, on_step=False, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = optim.require_node(self.hparams.optimizer, "optimizer")

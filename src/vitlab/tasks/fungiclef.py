@@ -8,10 +8,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab import optim
 from vitlab.config import instantiate_node
 from vitlab.losses import LabelStats, build_loss
+from vitlab.metrics.classification import MacroF1
 
 IGNORE = -100  # auxiliary target unknown for this row (e.g. the genus of an unknown species)
 
@@ -49,7 +51,10 @@ class FungiClassifier(pl.LightningModule):
             loss, LabelStats(len(species_ids), class_counts, poisonous_classes)
         )
         self.aux_weights = {k: float(aux_weights[k]) for k in active_aux}
-        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # epoch-level validation metrics over class indices (the unknown class -1, when in the
+        # label space, is an index like any other), summed over DDP ranks, not checkpointed
+        self.val_acc = MulticlassAccuracy(len(species_ids), average="micro", validate_args=False)
+        self.val_macro_f1 = MacroF1(len(species_ids))
 
     def forward(self, embedding: torch.Tensor, metadata: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(embedding, metadata)
@@ -77,15 +82,14 @@ class FungiClassifier(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         loss, _, logits = self._losses(batch)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(logits))
-        self._val.append((logits.argmax(-1).cpu(), batch["species"].cpu()))
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val:
-            pred = torch.cat([p for p, _ in self._val])
-            truth = torch.cat([t for _, t in self._val])
-            self._val.clear()
-            self.log("val/acc", (pred == truth).float().mean(), prog_bar=True)
+        n = len(logits)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        pred, truth = logits.argmax(-1), batch["species"]
+        self.val_acc.update(pred, truth)
+        self.val_macro_f1.update(pred, truth)
+        # Lightning computes (synced across ranks) and resets the metric objects each epoch
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/macro_f1", self.val_macro_f1, on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
         return optim.configure_optimizers(
