@@ -148,6 +148,11 @@ def test_cli_multirun(tiny_plantclef, tmp_path):
     assert len(summaries) == 2
     lrs = {json.loads(s.read_text())["fit_metrics"]["val/loss"] for s in summaries}
     assert len(lrs) == 2  # two different trainings
+    # the Hydra callback's table: what differs between the jobs and the optimised metric
+    table = pd.read_csv(tmp_path / "multirun" / "multirun_results.csv")
+    assert list(table.columns) == ["job", "optimizer.lr", "val_images/macro_f1", "status"]
+    assert list(table["optimizer.lr"]) == [1e-3, 1e-2] and set(table["status"]) == {"completed"}
+    assert "val_images/macro_f1" in out.stdout  # and on the console
 
 
 def test_cli_bad_override_exits_with_message(tmp_path):

@@ -17,6 +17,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,12 @@ import optuna
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vitlab.config import to_container
 from vitlab.data.shards import atomic_write_text
 from vitlab.errors import ConfigError
+from vitlab.run_tables import format_table, write_table
 from vitlab.sweeps import (
     SUSPECT,
     OptunaPruning,
@@ -41,7 +44,7 @@ from vitlab.sweeps import (
     suggest_overrides,
     trial_liveness,
 )
-from vitlab.tracking import use_wandb_mode
+from vitlab.tracking import name_part, use_wandb_mode
 
 log = logging.getLogger("vitlab.sweep")
 # the repository's configs (sweep.py passes its own folder)
@@ -59,6 +62,34 @@ def compose_trial(overrides: list[str], output_dir: Path) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]  # as in a Hydra app: `${hydra:...}` resolves from HydraConfig
     return cfg
+
+
+def save_trial_config(cfg: DictConfig, output_dir: Path) -> None:
+    """What Hydra writes in a run folder, for a trial: `.hydra/config.yaml` (the composed config),
+    `.hydra/overrides.yaml` (the command line's overrides + the trial's parameters) and
+    `.hydra/hydra.yaml`, so the folder alone tells what ran (and `infer.py ckpt_path=` finds
+    the run's dataset as for a train.py run)."""
+    hydra_cfg = HydraConfig.get()
+    folder = output_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+
+
+@contextmanager
+def trial_log(path: Path) -> Iterator[None]:
+    """The trial's log lines (vitlab's and Lightning's) also go to `path`, as `train.py`'s do."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optuna.Study:
@@ -83,16 +114,22 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
 
         def objective(trial: optuna.Trial) -> float:
             trial_overrides = suggest_overrides(trial, to_container(spec.params))
-            out = sweep_dir / f"trial_{trial.number:04d}"
+            out = sweep_dir / trial_folder(trial.number)
             cfg = compose_trial([*overrides, *trial_overrides], out)
             with open_dict(cfg):
+                cfg.print_config = False  # each trial's config is in its .hydra/ folder
                 if cfg.logger and cfg.logger.get("wandb"):
                     cfg.logger.wandb.group = spec.study_name  # one W&B group per study
+                    if not cfg.logger.wandb.get("name"):  # the trial and what it varies
+                        params = ",".join(name_part(o) for o in trial_overrides)
+                        cfg.logger.wandb.name = f"{trial_folder(trial.number)} {params}"
+            save_trial_config(cfg, out)
             same_way = (cfg.fit.mode == "max") == (spec.direction == "maximize")
             pruning = OptunaPruning(trial, cfg.fit.monitor, 1.0 if same_way else -1.0)
             start = time.perf_counter()
             try:
-                summary = pipeline.train(cfg, callbacks=(pruning,))
+                with trial_log(out / "train.log"):
+                    summary = pipeline.train(cfg, callbacks=(pruning,))
             finally:
                 # time inside the training run; wall_seconds - this = the sweep's own overhead
                 trial.set_user_attr("train_seconds", time.perf_counter() - start)
@@ -108,13 +145,39 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
                 )
             return float(value)
 
+        ran = 0
         while (step := next_step(study, spec.n_trials, policy)) != "done":
             if step == "wait":
                 time.sleep(policy.heartbeat_interval)
             else:
-                run_one_trial(study, objective, spec.n_trials, policy)
-        _write_results(study, sweep_dir, base)
+                ran += run_one_trial(study, objective, spec.n_trials, policy)
+        _write_trials_table(study, sweep_dir, base.optimized_metric)
+        # a rerun of a finished study adds nothing: no new W&B summary run
+        _write_results(study, sweep_dir, base, log_to_wandb=ran > 0)
     return study
+
+
+def trial_folder(number: int) -> str:
+    return f"trial_{number:04d}"
+
+
+def _write_trials_table(study: optuna.Study, sweep_dir: Path, metric: str) -> None:
+    """`trials.csv` in the study's folder and on the console: every trial's number, state,
+    parameters (the overrides it ran with), value of the optimised metric and folder."""
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return
+    names: list[str] = []
+    for t in trials:
+        names += [n for n in t.params if n not in names]
+    columns = ["trial", "state", *names, metric, "folder"]
+    rows = [
+        [t.number, t.state.name, *(t.params.get(n) for n in names), t.value, trial_folder(t.number)]
+        for t in trials
+    ]
+    path = write_table(sweep_dir / "trials.csv", columns, rows)
+    table = format_table(columns, rows)
+    print(f"\nstudy {study.study_name}: {len(rows)} trial(s) ({path}):\n{table}")
 
 
 def create_or_load_study(spec: DictConfig, attempts: int = 5) -> optuna.Study:
@@ -214,7 +277,9 @@ def _closed_elsewhere(trial: optuna.Trial) -> None:
     )
 
 
-def _write_results(study: optuna.Study, sweep_dir: Path, base: DictConfig) -> None:
+def _write_results(
+    study: optuna.Study, sweep_dir: Path, base: DictConfig, log_to_wandb: bool = True
+) -> None:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         log.warning("no complete trial yet in study %s", study.study_name)
@@ -256,7 +321,8 @@ def _write_results(study: optuna.Study, sweep_dir: Path, base: DictConfig) -> No
         finally:
             plt.close(fig)
             tmp.unlink(missing_ok=True)
-    _log_to_wandb(best, sweep_dir, base)
+    if log_to_wandb:
+        _log_to_wandb(best, sweep_dir, base)
 
 
 def _log_to_wandb(best: dict[str, Any], sweep_dir: Path, base: DictConfig) -> None:

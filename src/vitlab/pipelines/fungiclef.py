@@ -452,7 +452,8 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run: RunContext, callba
         val_loader = batch_loader(RowsDataset(val_rows, val_t), 4096)
         fold_dir = run.run_dir / "checkpoints" / name
         trainer = build_trainer(cfg, run, fold_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
-        trainer.fit(module, loader, val_loader)
+        with run.tracker.scope(name, fold=name):  # W&B `fold1/train/loss`, CSV column `fold`
+            trainer.fit(module, loader, val_loader)
         best = trained_checkpoint(trainer, fold_dir)
         folds.append(FoldModel(name, load_lightning_module(FungiClassifier, best), best, val_rows))
         summary.setdefault("folds", {})[name] = {
@@ -536,9 +537,9 @@ def _ensemble_and_score(
     summary["held_out_scores"] = results
     summary.setdefault("metrics", {}).update(numeric_metrics(results, "held_out/"))
     _log_views(cfg, held_out, truth, obs_ids, pred, poisonous, run_dir, tracker, summary)
-    tracker.log_metrics(
-        {f"held_out/{k}": v for k, v in results["ensemble"].items() if v is not None}
-    )
+    # the parent run's scores: `held_out/ensemble/track1` (= the summary's metrics, so the
+    # experiment's optimized_metric has the same name in W&B) and each fold head's
+    tracker.log_metrics(numeric_metrics(results, "held_out/"))
     tracker.log_table(
         "held_out_scores",
         ["model", *results["ensemble"]],

@@ -42,7 +42,7 @@ from vitlab.models.groupvit.checkpoints import (
 )
 from vitlab.models.groupvit.model import GroupViT
 from vitlab.pipelines.base import Pipeline, RunContext, RunSummary, begin, numeric_metrics
-from vitlab.tracking import RunTracker
+from vitlab.tracking import MaskedImage, RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def evaluate_segmentation(cfg: DictConfig) -> RunSummary:
         with run.stage("segment"):
             outputs = SampleOutputs.from_config(cfg.segmentation, samples, spec, run_dir, tracker)
             scores = evaluate_zero_shot(model, spec, samples, text, settings, on_sample=outputs)
+            outputs.log_overlays()
             if outputs.prediction_dir is not None:
                 scores["predictions_dir"] = str(outputs.prediction_dir)
         summary.update(scores)
@@ -139,9 +140,11 @@ def evaluate_segmentation(cfg: DictConfig) -> RunSummary:
 
 
 class SampleOutputs:
-    """The pipeline's per-sample hook of `evaluate_zero_shot`: overlays (image | prediction |
-    truth) of the first `overlays` samples, logged to the tracker, and, with `prediction_dir`,
-    every prediction as a label PNG (for `python -m vitlab.metrics miou`)."""
+    """The pipeline's per-sample hook of `evaluate_zero_shot`: overlays of the first `overlays`
+    samples (`overlays/<id>.png`: image | prediction | truth; in W&B one `overlays` key of
+    images with `prediction` and `ground_truth` masks and the class names, logged by
+    `log_overlays` after the loop), and, with `prediction_dir`, every prediction as a label PNG
+    (for `python -m vitlab.metrics miou`)."""
 
     def __init__(
         self,
@@ -154,6 +157,7 @@ class SampleOutputs:
         self.spec, self.run_dir, self.tracker = spec, run_dir, tracker
         self.overlay_ids = overlay_ids
         self.prediction_dir = prediction_dir
+        self.masked: list[MaskedImage] = []
         if prediction_dir is not None:
             prediction_dir.mkdir(parents=True, exist_ok=True)
 
@@ -172,19 +176,28 @@ class SampleOutputs:
             _write_prediction(self.prediction_dir / f"{sample.sample_id}.png", prediction)
         if sample.sample_id in self.overlay_ids:  # truth in the predictions' label space
             shown = read_label_map(sample.label_path, self.spec, reduce=True)
-            _overlay(
-                image, prediction, shown, self.spec, self.run_dir, sample.sample_id, self.tracker
-            )
+            _overlay(image, prediction, shown, self.spec, self.run_dir, sample.sample_id)
+            if self.tracker.wandb is not None:
+                rgb = np.asarray(image.convert("RGB"))
+                self.masked.append(MaskedImage(rgb, prediction, shown, sample.sample_id))
+
+    def log_overlays(self) -> None:
+        """The overlays as W&B mask images under one key, `overlays`."""
+        labels = dict(enumerate(str(name) for name in self.spec.class_names))
+        if 0 <= self.spec.ignore_index <= 255:
+            labels[int(self.spec.ignore_index)] = "ignore"
+        self.tracker.log_masks("overlays", self.masked, labels)
+        self.masked = []
 
 
 def _write_prediction(path: Path, labels: np.ndarray) -> None:
     write_label_png(path, labels.astype(np.uint8))  # atomic: never a truncated file
 
 
-def _overlay(image, prediction, truth, spec, run_dir: Path, sample_id: str, tracker) -> None:
+def _overlay(image, prediction, truth, spec, run_dir: Path, sample_id: str) -> None:
     from vitlab.reports import segmentation_overlay_png
 
-    path = segmentation_overlay_png(
+    segmentation_overlay_png(
         image,
         prediction,
         truth,
@@ -192,7 +205,6 @@ def _overlay(image, prediction, truth, spec, run_dir: Path, sample_id: str, trac
         spec.ignore_index,
         run_dir / "overlays" / f"{sample_id}.png",
     )
-    tracker.log_image(f"overlays/{sample_id}", path)
 
 
 def _report(scores: dict[str, Any], spec, run_dir: Path, tracker: RunTracker) -> None:
