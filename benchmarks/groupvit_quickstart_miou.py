@@ -154,7 +154,8 @@ def acceptance(rows: list[dict]) -> list[str]:
     for name in OBJECTS:
         iou = trained["per_class"].get(name)
         if iou is None or iou <= TARGET_CLASS_IOU:
-            missed.append(f"{name} IoU {iou} <= {TARGET_CLASS_IOU}")
+            shown = "n/a" if iou is None else f"{iou:.3f}"
+            missed.append(f"{name} IoU {shown} <= {TARGET_CLASS_IOU}")
     return missed
 
 
