@@ -27,6 +27,11 @@ quickstart-groupvit: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python infer.py experiment=segment_synthetic_voc \
 		ckpt_path=outputs/quickstart_groupvit/groupvit.pt \
 		hydra.run.dir=outputs/quickstart_groupvit_segmentation
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python infer.py experiment=segment_synthetic_voc \
+		ckpt_path=outputs/quickstart_groupvit/groupvit_untrained.pt segmentation.overlays=0 \
+		hydra.run.dir=outputs/quickstart_groupvit_segmentation_untrained
+	PYTHONPATH=src $(BIN)/python benchmarks/groupvit_quickstart_miou.py --table \
+		outputs/quickstart_groupvit_segmentation outputs/quickstart_groupvit_segmentation_untrained
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

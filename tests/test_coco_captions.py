@@ -2,6 +2,7 @@ import json
 import random
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,9 +22,11 @@ from vitlab.data.coco_captions import (
 )
 from vitlab.data.synthetic.__main__ import main as synthetic_main
 from vitlab.data.synthetic.coco_captions import (
+    ASPECTS,
     PLURALS,
     SYNTHETIC_CLASSES,
     CocoCaptionsSyntheticSpec,
+    _place_objects,
     generate_coco_captions,
 )
 from vitlab.data.synthetic.markers import is_complete
@@ -125,6 +128,63 @@ def test_voc_masks_match_captions(coco):
         objects = np.isin(labels, list(object_ids))
         assert (labels == 255).mean() < objects.mean()
     assert len(seen) >= 4
+
+
+def _val_pictures(root) -> list[bytes]:
+    val = read_coco_captions(*coco_paths(root, "val"))
+    return [r.path.read_bytes() for r in val]
+
+
+def test_generator_options_objects_scale_and_held_out_val(tmp_path):
+    """min/max objects and object_scale shape every picture; the val pictures come from their
+    own stream, so they stay the same whatever n_train is (and differ from the train ones)."""
+    spec = CocoCaptionsSyntheticSpec(
+        seed=3,
+        n_train=10,
+        n_val=6,
+        image_size=64,
+        min_objects=2,
+        max_objects=2,
+        object_scale=(0.5, 0.6),
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        objects = _place_objects(80, 64, spec, rng)
+        assert 1 <= len(objects) <= 2  # a second object may find no free place
+        for obj in objects:
+            left, top, right, bottom = obj.box
+            side = max(
+                (right - left) / ASPECTS.get(obj.name, (1, 1))[0],
+                (bottom - top) / ASPECTS.get(obj.name, (1, 1))[1],
+            )
+            assert 0.5 * 64 - 1e-6 <= side <= 0.6 * 64 + 1e-6
+    assert any(len(_place_objects(80, 64, spec, rng)) == 2 for _ in range(5))
+    root = generate_coco_captions(tmp_path / "a", spec)
+    for record in read_coco_captions(*coco_paths(root, "train")):
+        assert 1 <= len(_mentioned(record.captions[0])) <= 2
+    more_train = replace(spec, n_train=14)
+    again = generate_coco_captions(tmp_path / "b", more_train)
+    assert _val_pictures(again) == _val_pictures(root)
+    train = {r.path.read_bytes() for r in read_coco_captions(*coco_paths(root, "train"))}
+    assert not train & set(_val_pictures(root))
+    # a changed spec is a different dataset: the folder is regenerated, not reused
+    assert is_complete(root, spec) and not is_complete(root, more_train)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"min_objects": 3, "max_objects": 2}, "min_objects"),
+        ({"max_objects": 4}, "max_objects"),
+        ({"object_scale": (0.6, 0.5)}, "object_scale"),
+        ({"object_scale": (0.05, 0.5)}, "object_scale"),
+    ],
+)
+def test_generator_option_checks(tmp_path, changes, message):
+    spec = replace(CocoCaptionsSyntheticSpec(n_train=2, n_val=1), **changes)
+    with pytest.raises(ValueError, match=message):
+        generate_coco_captions(tmp_path / "x", spec)
+    assert not (tmp_path / "x").exists()
 
 
 def test_label_png_roundtrip_and_palette(tmp_path):

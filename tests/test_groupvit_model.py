@@ -22,6 +22,7 @@ from vitlab.models.groupvit.checkpoints import (
 )
 from vitlab.models.groupvit.model import (
     GroupViT,
+    GroupViTSpec,
     gumbel_hard_assignment,
     hard_one_hot,
     interpolate_pos_embed,
@@ -180,6 +181,21 @@ def test_gumbel_only_in_training_and_eval_is_deterministic():
         a, b = model.encode_image(pixels), model.encode_image(pixels)
     assert torch.equal(a.hard_maps[0], b.hard_maps[0])
     torch.testing.assert_close(a.hard_maps[0], hard_one_hot(a.soft_maps[0], dim=1))
+
+
+def test_without_gumbel_training_assigns_like_eval_and_single_stage_works():
+    """spec.gumbel=False (the reference's option): training's hard assignment is the argmax of
+    the plain softmax, as at inference; a single grouping stage (patch -> groups) encodes."""
+    spec = tiny_spec(gumbel=False, depths=(0, 0), num_group_tokens=(8, 0), num_output_groups=(8,))
+    model = GroupViT(spec)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        trained = model.train().encode_image(pixels)
+        evaluated = model.eval().encode_image(pixels)
+    assert len(trained.assignments) == 1 and trained.segment_tokens.shape == (2, 8, 64)
+    torch.testing.assert_close(trained.hard_maps[0], evaluated.hard_maps[0])
+    torch.testing.assert_close(trained.hard_maps[0], hard_one_hot(trained.soft_maps[0], dim=1))
+    assert GroupViTSpec.from_dict(spec.to_dict()) == spec and not spec.gumbel
 
 
 def test_logit_scale_is_clamped_at_100_unless_disabled():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -201,7 +203,7 @@ def test_thesis_recipes_compose_and_validate(tmp_path, experiment):
         assert cfg.groupvit.losses.entropy.group > 0
 
 
-def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path):
+def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path, caplog):
     overrides = [
         "experiment=quickstart_groupvit",
         "trainer.max_epochs=2",
@@ -212,7 +214,8 @@ def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path):
         "logger=csv",
     ]
     cfg = compose_config("train", overrides, tmp_path)
-    summary = train_groupvit(cfg)
+    with caplog.at_level(logging.INFO, logger="vitlab.pipelines.groupvit"):
+        summary = train_groupvit(cfg)
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["groupvit_checkpoint"]
     assert summary["data"]["train"]["images"] == 48
@@ -221,6 +224,14 @@ def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path):
         assert math.isfinite(summary["fit_metrics"][key])
     model = load_groupvit(run / "groupvit.pt")
     assert model.spec == tiny_spec()
+    untrained = load_groupvit(run / "groupvit_untrained.pt")
+    assert untrained.spec == model.spec
+    assert summary["groupvit_untrained_checkpoint"] == str(run / "groupvit_untrained.pt")
+    assert any(not torch.equal(untrained.state_dict()[k], v) for k, v in model.state_dict().items())
+    # a line per epoch, readable when output goes to a file: loss terms, rate, ETA
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2, lines
+    assert re.search(r"^epoch 2/2 .*contrastive \d.*val/loss \d.* img/s .*ETA 0:00$", lines[-1])
     from_lightning = load_groupvit(summary["best_checkpoint"])
     for key, value in model.state_dict().items():
         assert torch.equal(from_lightning.state_dict()[key], value)

@@ -42,6 +42,13 @@ def test_whole_evaluation_on_the_synthetic_voc_set(tmp_path, capsys):
     assert summary["n_images"] == SYNTHETIC.n_val and summary["skipped_images"] == 0
     assert 0.0 <= summary["miou"] <= 1.0 and len(summary["iou"]) == 21
     assert json.loads((run / "summary.json").read_text())["miou"] == summary["miou"]
+    assert summary["images_per_second"] > 0
+    # the trivial reference: background everywhere scores IoU only on background
+    trivial = summary["all_background"]
+    present = [k for k, v in summary["per_class"].items() if v["pixels"]]
+    assert trivial["per_class"]["background"] > 0.5
+    assert trivial["miou"] == pytest.approx(trivial["per_class"]["background"] / len(present))
+    assert summary["metrics"]["all_background/miou"] == pytest.approx(trivial["miou"])
     assert (run / "per_class_iou.csv").read_text().startswith("class,iou,truth_pixels")
     assert (run / "per_class_iou.png").is_file()
     assert len(list((run / "overlays").glob("*.png"))) == 3

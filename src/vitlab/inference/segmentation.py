@@ -273,14 +273,20 @@ def evaluate_zero_shot(
     `text`: [C, P] embeddings of `spec.prompt_names` (`class_text_embeddings`). Undecodable
     images are skipped and counted; when none can be read: DatasetFormatError. Returns the
     metric's summary (miou, iou, pixel_accuracy, per_class) with dataset, n_images,
-    skipped_images, skipped (the first MAX_SKIPPED_LISTED) and images_per_second."""
+    skipped_images, skipped (the first MAX_SKIPPED_LISTED), images_per_second and, for a
+    dataset with a background, all_background (miou and per-class IoU of predicting background
+    everywhere: the trivial reference a model must beat)."""
     accumulator = ConfusionMatrixAccumulator(**spec.metric_kwargs())
+    # the trivial reference: background predicted everywhere (datasets with a background)
+    all_background = ConfusionMatrixAccumulator(**spec.metric_kwargs())
     skipped: list[str] = []
     start = time.perf_counter()
     images = labelled_images(samples, spec, desc or f"segment {spec.name}", skipped, reduce=False)
     for sample, image, truth in images:
         prediction = segment_image(model, image, text, settings)
         accumulator.update(prediction, truth)
+        if spec.has_background:
+            all_background.update(np.zeros_like(prediction), truth)
         if on_sample is not None:
             on_sample(sample, image, prediction, truth)
     seconds = time.perf_counter() - start
@@ -299,4 +305,10 @@ def evaluate_zero_shot(
         skipped=skipped[:MAX_SKIPPED_LISTED],
         images_per_second=round(accumulator.n_updates / seconds, 3) if seconds > 0 else None,
     )
+    if spec.has_background:
+        trivial = all_background.summary(list(spec.class_names))
+        result["all_background"] = {
+            "miou": trivial["miou"],
+            "per_class": {k: v["iou"] for k, v in trivial["per_class"].items()},
+        }
     return result

@@ -78,7 +78,16 @@ class CocoCaptionsSyntheticSpec:
     n_val: int = 48
     image_size: int = 96  # short side; the long side is 1-1.33x longer
     captions_per_image: int = 5
+    min_objects: int = 1
     max_objects: int = 3
+    # object box side as a fraction of the picture's short side (uniform in this range)
+    object_scale: tuple[float, float] = (0.32, 0.55)
+    # share of TRAIN pictures showing only the ground (captions name just the ground: "an empty
+    # field"); the val pictures always hold objects, like VOC's
+    empty_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "object_scale", tuple(float(v) for v in self.object_scale))
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,7 @@ def ground(width: int, height: int, base: tuple[int, int, int], rng: np.random.G
 def _place_objects(
     width: int, height: int, spec: CocoCaptionsSyntheticSpec, rng: np.random.Generator
 ) -> list[SyntheticObject]:
-    n = int(rng.integers(1, spec.max_objects + 1))
+    n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     names: list[str] = []
     for _ in range(n):
         if names and rng.random() < 0.25:  # sometimes several of a kind: "two birds"
@@ -235,7 +244,7 @@ def _place_objects(
     placed: list[SyntheticObject] = []
     for name in names:
         for _ in range(40):
-            side = short * rng.uniform(0.32, 0.55) * (0.85 if len(names) == 3 else 1.0)
+            side = short * rng.uniform(*spec.object_scale) * (0.85 if len(names) == 3 else 1.0)
             aw, ah = ASPECTS.get(name, (1.0, 1.0))
             w, h = min(width - 2, side * aw), min(height - 2, side * ah)
             left, top = rng.uniform(1, width - w - 1), rng.uniform(1, height - h - 1)
@@ -268,16 +277,17 @@ def boundary_band(labels: np.ndarray, width: int = 1) -> np.ndarray:
 
 
 def synthetic_picture(
-    spec: CocoCaptionsSyntheticSpec, rng: np.random.Generator
+    spec: CocoCaptionsSyntheticSpec, rng: np.random.Generator, empty: bool = False
 ) -> tuple[Image.Image, np.ndarray, list[SyntheticObject], str]:
-    """(RGB picture, VOC label map with the 255 band, objects, ground name)."""
+    """(RGB picture, VOC label map with the 255 band, objects, ground name); `empty`: the
+    ground alone."""
     short = spec.image_size
     long = int(round(short * rng.uniform(1.0, 1.33)))
     width, height = (long, short) if rng.random() < 0.75 else (short, long)
     scene = str(rng.choice(list(SCENES)))
     img = ground(width, height, SCENES[scene][0], rng)
     mask = Image.new("L", (width, height), 0)
-    objects = _place_objects(width, height, spec, rng)
+    objects = [] if empty else _place_objects(width, height, spec, rng)
     for obj in objects:
         base = COLOURS[obj.name][1]
         colour = tuple(int(np.clip(c + rng.integers(-14, 15), 0, 255)) for c in base)
@@ -324,10 +334,38 @@ def _join(phrases: list[str], rng: np.random.Generator) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+GROUND_TEMPLATES = (
+    "an empty {ground}",
+    "a photo of the {ground}",
+    "nothing but {ground}",
+    "a patch of {ground}",
+    "close up of the {ground}",
+    "here we see the {ground}",
+    "bare {ground} seen from above",
+    "the {ground} outside",
+)
+
+
+def ground_captions(scene: str, n: int, rng: np.random.Generator) -> list[str]:
+    """n distinct captions of a picture without objects: they name only the ground."""
+    captions: list[str] = []
+    for _ in range(50 * n):
+        caption = str(rng.choice(GROUND_TEMPLATES)).format(ground=scene)
+        caption = caption[0].upper() + caption[1:] + ("." if rng.random() < 0.5 else "")
+        if caption not in captions:
+            captions.append(caption)
+        if len(captions) == n:
+            return captions
+    raise RuntimeError(f"could not make {n} distinct captions of the {scene}")
+
+
 def make_captions(
     objects: list[SyntheticObject], scene: str, n: int, rng: np.random.Generator
 ) -> list[str]:
-    """n distinct captions, each naming every class present (with counts and adjectives)."""
+    """n distinct captions, each naming every class present (with counts and adjectives); only
+    the ground when there is no object."""
+    if not objects:
+        return ground_captions(scene, n, rng)
     groups: dict[str, list[SyntheticObject]] = {}
     for obj in sorted(objects, key=lambda o: -o.relative_area):
         groups.setdefault(obj.name, []).append(obj)
@@ -377,8 +415,18 @@ def generate_coco_captions(
         raise ValueError("n_train and n_val must be >= 1")
     if spec.image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {spec.image_size}")
-    if not 1 <= spec.max_objects <= 3:
-        raise ValueError(f"max_objects must be in 1..3, got {spec.max_objects}")
+    if not 1 <= spec.min_objects <= spec.max_objects <= 3:
+        raise ValueError(
+            f"need 1 <= min_objects <= max_objects <= 3, got {spec.min_objects}, {spec.max_objects}"
+        )
+    low, high = spec.object_scale if len(spec.object_scale) == 2 else (0.0, 0.0)
+    if not 0.1 <= low <= high <= 0.95:
+        raise ValueError(
+            "object_scale must be (low, high) with 0.1 <= low <= high <= 0.95, "
+            f"got {spec.object_scale}"
+        )
+    if not 0.0 <= spec.empty_fraction < 1.0:
+        raise ValueError(f"empty_fraction must be in [0, 1), got {spec.empty_fraction}")
     out = claim_output_dir(out_dir)
     (out / "annotations").mkdir()
     voc = out / VOC2012_DIR
@@ -389,12 +437,22 @@ def generate_coco_captions(
     ids = [int(i) for i in rng.choice(np.arange(1, 600_000), spec.n_train + spec.n_val, False)]
     next_annotation = int(rng.integers(1, 100_000))
     finished: list[tuple[str, Path, dict, list[str]]] = []
-    for split, split_ids in (("train", ids[: spec.n_train]), ("val", ids[spec.n_train :])):
+    for stream, (split, split_ids) in enumerate(
+        (("train", ids[: spec.n_train]), ("val", ids[spec.n_train :]))
+    ):
+        # each split's pictures and captions from their own stream: the held-out val pictures
+        # stay the same whatever n_train is (budget curves compare on the same val set)
+        rng = np.random.default_rng([spec.seed, stream])
         annotation_json, image_dir = coco_paths(out, split)
         image_dir.mkdir()
         images, annotations, voc_ids = [], [], []
         for image_id in split_ids:
-            img, labels, objects, scene = synthetic_picture(spec, rng)
+            empty = (
+                split == "train"
+                and spec.empty_fraction > 0
+                and (rng.random() < spec.empty_fraction)
+            )
+            img, labels, objects, scene = synthetic_picture(spec, rng, empty)
             captions = make_captions(objects, scene, spec.captions_per_image, rng)
             data = encode_jpeg(img, quality=JPEG_QUALITY)
             file_name = f"{image_id:012d}.jpg"

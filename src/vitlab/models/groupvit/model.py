@@ -38,6 +38,9 @@ class GroupViTSpec:
     assign_mlp_ratio: tuple[float, float] = (0.5, 4.0)
     assign_eps: float = 1.0
     gumbel_tau: float = 1.0
+    # training's hard assignment: Gumbel-softmax sample (the reference) or, False, the argmax of
+    # the plain softmax as at inference (the reference's `gumbel=False` option)
+    gumbel: bool = True
     drop_path_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     vocab_size: int = 49408
@@ -303,11 +306,12 @@ class Assignment:
 class AssignAttention(nn.Module):
     """Single-head attention whose softmax runs over the GROUP axis: each token picks a group."""
 
-    def __init__(self, dim: int, assign_eps: float, gumbel_tau: float) -> None:
+    def __init__(self, dim: int, assign_eps: float, gumbel_tau: float, gumbel: bool = True) -> None:
         super().__init__()
         self.scale = dim**-0.5
         self.assign_eps = assign_eps
         self.gumbel_tau = gumbel_tau
+        self.gumbel = gumbel
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -316,7 +320,7 @@ class AssignAttention(nn.Module):
     def forward(self, groups: Tensor, tokens: Tensor) -> tuple[Tensor, Assignment]:
         logits = (self.q_proj(groups) @ self.k_proj(tokens).transpose(1, 2)) * self.scale
         soft = logits.softmax(dim=1)
-        if self.training:
+        if self.training and self.gumbel:
             hard = gumbel_hard_assignment(logits, dim=1, tau=self.gumbel_tau)
         else:
             hard = hard_one_hot(soft, dim=1)
@@ -337,7 +341,7 @@ class GroupingBlock(nn.Module):
         self.norm_post_tokens = nn.LayerNorm(dim, eps=eps)
         self.norm_x = nn.LayerNorm(dim, eps=eps)
         self.pre_assign_attn = CrossAttnBlock(dim, spec.num_heads, spec.mlp_ratio, eps)
-        self.assign = AssignAttention(dim, spec.assign_eps, spec.gumbel_tau)
+        self.assign = AssignAttention(dim, spec.assign_eps, spec.gumbel_tau, spec.gumbel)
         self.norm_new_x = nn.LayerNorm(dim, eps=eps)
         self.mlp_channels = Mlp(dim, channels_hidden)
 
