@@ -31,7 +31,7 @@ SMALL = [
 def test_epoch_line_shows_metrics_rate_and_eta():
     line = epoch_line(2, 40, {"val/loss": 1.23456, "train/loss": 2.0}, 2.0, 10, 2.5)
     assert line == (
-        "epoch 3/40 | train/loss 2 val/loss 1.235 | 2.0 s/epoch, 5.0 batches/s | ETA 1m32s"
+        "epoch 3/40 | train/loss 2 val/loss 1.235 | 2.0 s/epoch, 5.0 samples/s | ETA 1m32s"
     )
     assert "ETA" not in epoch_line(0, -1, {}, 1.0, 1, 1.0)  # max_epochs=-1: unbounded
 
@@ -105,5 +105,5 @@ def test_a_log_file_shows_one_line_per_epoch(tiny_plantclef, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
     for epoch in (1, 2, 3):
-        assert f"epoch {epoch}/3 | " in log and "batches/s" in log
+        assert f"epoch {epoch}/3 | " in log and "samples/s" in log
     assert "ETA 0m00s" in log

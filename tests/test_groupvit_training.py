@@ -214,7 +214,7 @@ def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path, caplog):
         "logger=csv",
     ]
     cfg = compose_config("train", overrides, tmp_path)
-    with caplog.at_level(logging.INFO, logger="vitlab.pipelines.groupvit"):
+    with caplog.at_level(logging.INFO, logger="vitlab.progress"):
         summary = train_groupvit(cfg)
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["groupvit_checkpoint"]
@@ -231,7 +231,9 @@ def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path, caplog):
     # a line per epoch, readable when output goes to a file: loss terms, rate, ETA
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 2, lines
-    assert re.search(r"^epoch 2/2 .*contrastive \d.*val/loss \d.* img/s .*ETA 0:00$", lines[-1])
+    assert re.search(
+        r"^epoch 2/2 \| .*train/contrastive \d.*val/loss \d.* samples/s \| ETA 0m00s$", lines[-1]
+    )
     from_lightning = load_groupvit(summary["best_checkpoint"])
     for key, value in model.state_dict().items():
         assert torch.equal(from_lightning.state_dict()[key], value)

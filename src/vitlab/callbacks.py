@@ -105,12 +105,12 @@ def epoch_line(
     max_epochs: int | None,
     metrics: dict[str, float],
     epoch_seconds: float,
-    batches: int,
+    samples: int,
     mean_epoch_seconds: float,
 ) -> str:
-    """`epoch 3/40 | train/loss 1.234 val/loss 1.100 | 2.1 s/epoch, 57.1 batches/s | ETA 1m17s`"""
+    """`epoch 3/40 | train/loss 1.234 val/loss 1.100 | 2.1 s/epoch, 57 samples/s | ETA 1m17s`"""
     shown = " ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
-    rate = f"{epoch_seconds:.1f} s/epoch, {batches / max(epoch_seconds, 1e-9):.1f} batches/s"
+    rate = f"{epoch_seconds:.1f} s/epoch, {samples / max(epoch_seconds, 1e-9):.1f} samples/s"
     total = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
     line = f"epoch {epoch + 1}{total} | {shown} | {rate}"
     if max_epochs and max_epochs > 0:
@@ -118,38 +118,69 @@ def epoch_line(
     return line
 
 
+def batch_size_of(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (dict, tuple or tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    values = batch.values() if isinstance(batch, dict) else batch
+    for value in values if isinstance(values, list | tuple) else list(values):
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return int(value.shape[0])
+    return 0
+
+
+def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {
+        name: float(value)
+        for name, value in trainer.callback_metrics.items()
+        if isinstance(value, torch.Tensor) and value.numel() == 1
+    }
+
+
 class EpochLog(pl.Callback):
     """One log line per training epoch (metrics, rate, ETA), whatever the progress bar does:
     a run whose output goes to a file shows its progress (Hydra writes it to `<run>/*.log`).
-    The ETA assumes every remaining epoch runs (early stopping can end sooner)."""
+
+    Metrics logged per step (GroupViT's loss terms) are shown as their mean over the epoch, not
+    the last step's value; epoch-level metrics as logged. The ETA assumes every remaining epoch
+    runs (early stopping can end sooner)."""
 
     def __init__(self, logger_name: str = "vitlab.progress"):
         self.progress_log = logging.getLogger(logger_name)
         self._epoch_start = 0.0
         self._durations: list[float] = []
-        self._batches = 0
+        self._samples = 0
+        self._step_values: dict[str, list[float]] = {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
-        self._batches = 0
+        self._samples = 0
+        self._step_values = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self._batches += 1  # counted: a streaming loader has no length
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, *_: Any
+    ) -> None:
+        self._samples += batch_size_of(batch)  # counted: a streaming loader has no length
+        for name, value in scalar_metrics(trainer).items():
+            if name.startswith("train/"):
+                self._step_values.setdefault(name, []).append(value)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         seconds = time.perf_counter() - self._epoch_start
         self._durations.append(seconds)
-        metrics = {
-            name: float(value)
-            for name, value in trainer.callback_metrics.items()
-            if isinstance(value, torch.Tensor) and value.numel() == 1
-        }
-        batches = self._batches
+        metrics = scalar_metrics(trainer)
+        for name, values in self._step_values.items():
+            # a per-step metric still holds its last step's value: show the epoch's mean (an
+            # epoch-level metric has changed since the last step: keep it as logged)
+            if name in metrics and metrics[name] == values[-1]:
+                metrics[name] = sum(values) / len(values)
         mean = sum(self._durations[-5:]) / len(self._durations[-5:])  # recent epochs
         self.progress_log.info(
-            epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, seconds, batches, mean)
+            epoch_line(
+                trainer.current_epoch, trainer.max_epochs, metrics, seconds, self._samples, mean
+            )
         )
 
 

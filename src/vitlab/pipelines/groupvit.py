@@ -9,7 +9,6 @@ evaluation (`infer.py pipeline=segmentation`).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -191,53 +190,6 @@ class EpochCaptions(pl.Callback):
         self.dataset.set_epoch(trainer.current_epoch)
 
 
-class EpochLog(pl.Callback):
-    """One log line per training epoch (readable when output goes to a file, where the progress
-    bar is not): the epoch's mean loss terms, the last validation loss, images/s and the ETA."""
-
-    def __init__(self) -> None:
-        self.fit_start = self.epoch_start = 0.0
-        self.images = 0
-        self.sums: dict[str, float] = {}
-        self.steps = 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.fit_start = time.perf_counter()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.epoch_start = time.perf_counter()
-        self.images, self.sums, self.steps = 0, {}, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.images += int(batch["image"].shape[0])
-        self.steps += 1
-        for name, value in trainer.callback_metrics.items():
-            if name.startswith("train/") and value.numel() == 1:
-                self.sums[name[6:]] = self.sums.get(name[6:], 0.0) + float(value)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        now = time.perf_counter()
-        epoch, total = trainer.current_epoch + 1, max(trainer.max_epochs or 1, 1)
-        per_epoch = (now - self.fit_start) / epoch
-        terms = " ".join(f"{k} {v / max(self.steps, 1):.3f}" for k, v in self.sums.items())
-        val = trainer.callback_metrics.get("val/loss")
-        log.info(
-            "epoch %d/%d  %s%s  %.1f img/s  elapsed %s  ETA %s",
-            epoch,
-            total,
-            terms,
-            f"  val/loss {float(val):.3f}" if val is not None else "",
-            self.images / max(now - self.epoch_start, 1e-9),
-            _clock(now - self.fit_start),
-            _clock(per_epoch * (total - epoch)),
-        )
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}:{secs:02d}"
-
-
 def train_groupvit(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
     begin(cfg)
     validate_groupvit(cfg)
@@ -272,7 +224,7 @@ def train_groupvit(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Ru
             summary["groupvit_untrained_checkpoint"] = str(untrained)
         checkpoint_dir = run_dir / "checkpoints"
         trainer = build_trainer(cfg, run, checkpoint_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
-        trainer.callbacks.extend([EpochCaptions(train_set), EpochLog()])
+        trainer.callbacks.append(EpochCaptions(train_set))
         with run.stage("fit"):
             fit_resumable(
                 trainer,
