@@ -28,6 +28,15 @@ TINY_SPEC = PlantClefSyntheticSpec(
     n_quadrats=4,
     quadrat_size=(300, 380),
 )
+# a PlantCLEF run on `tiny_plantclef` with a 2-block 64 px ViT: seconds, not minutes
+TINY_PLANTCLEF_RUN = [
+    "prepare.image_size=64",
+    "backbone.model_kwargs.img_size=64",
+    "backbone.input_size=64",
+    "backbone.model_kwargs.depth=2",
+    "dataset.min_images_per_species=6",
+    "dataset.synthetic=null",
+]
 
 
 def compose_config(config_name: str, overrides: list[str], root: Path) -> DictConfig:

@@ -10,19 +10,14 @@ import pytorch_lightning as pl
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
 
-from tests.conftest import REPO, compose_config, run_entry_point
+from tests.conftest import REPO, TINY_PLANTCLEF_RUN, compose_config, run_entry_point
 from vitlab.callbacks import EpochLog, epoch_line
 from vitlab.errors import ConfigError
 from vitlab.pipelines.base import configured_callbacks
 from vitlab.pipelines.plantclef import train, validate
 
 SMALL = [
-    "prepare.image_size=64",
-    "backbone.model_kwargs.img_size=64",
-    "backbone.input_size=64",
-    "backbone.model_kwargs.depth=2",
-    "dataset.min_images_per_species=6",
-    "dataset.synthetic=null",
+    *TINY_PLANTCLEF_RUN,
     "print_config=false",
     "logger=csv",
 ]

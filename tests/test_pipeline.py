@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import vitlab.stages.embed as embed_module
-from tests.conftest import compose_config
+from tests.conftest import TINY_PLANTCLEF_RUN, compose_config
 from vitlab.data.plantclef import read_submission
 from vitlab.errors import DatasetFormatError
 from vitlab.pipelines.plantclef import infer, train
@@ -21,12 +21,7 @@ FAST = [
     "trainer.max_epochs=25",
     "head.batch_size=32",
     "optimizer.lr=1e-2",
-    "prepare.image_size=64",
-    "backbone.model_kwargs.img_size=64",
-    "backbone.input_size=64",
-    "backbone.model_kwargs.depth=2",
-    "dataset.min_images_per_species=6",
-    "dataset.synthetic=null",
+    *TINY_PLANTCLEF_RUN,
     "fit.early_stopping_patience=0",
 ]
 

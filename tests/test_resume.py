@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from tests.conftest import compose_config, run_entry_point
+from tests.conftest import TINY_PLANTCLEF_RUN, compose_config, run_entry_point
 from vitlab.errors import ConfigError
 from vitlab.pipelines import load
 from vitlab.pipelines.plantclef import train
@@ -19,12 +19,7 @@ RUN = [
     "trainer.max_epochs=6",
     "head.batch_size=32",
     "optimizer.lr=1e-2",
-    "prepare.image_size=64",
-    "backbone.model_kwargs.img_size=64",
-    "backbone.input_size=64",
-    "backbone.model_kwargs.depth=2",
-    "dataset.min_images_per_species=6",
-    "dataset.synthetic=null",
+    *TINY_PLANTCLEF_RUN,
     "fit.early_stopping_patience=3",
     "print_config=false",
 ]

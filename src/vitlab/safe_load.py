@@ -100,17 +100,24 @@ def load_checkpoint_file(path: str | Path, *, trust: bool = False, opt_in: str) 
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_lightning_module(module_type: type, path: str | Path) -> Any:
-    """A vitlab LightningModule from its checkpoint, loaded with the allow-listed unpickler."""
+@contextmanager
+def vitlab_checkpoint(what: str) -> Iterator[None]:
+    """Unpickle only the allow-list inside; anything else is refused naming `what`."""
     try:
         with allowlisted_globals():
-            return module_type.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+            yield
     except pickle.UnpicklingError as err:
         culprit = unsafe_global_in(err) or "an object outside the allow-list"
         raise UnsafeCheckpointError(
-            f"{path} holds {culprit}: not a checkpoint vitlab wrote, and unpickling it could "
+            f"{what} holds {culprit}: not a checkpoint vitlab wrote, and unpickling it could "
             "run code from the file; refused"
         ) from err
+
+
+def load_lightning_module(module_type: type, path: str | Path) -> Any:
+    """A vitlab LightningModule from its checkpoint, loaded with the allow-listed unpickler."""
+    with vitlab_checkpoint(str(path)):
+        return module_type.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
 def fit_resumable(
@@ -121,12 +128,5 @@ def fit_resumable(
     if not ckpt_path:
         trainer.fit(module, train_loader, val_loader)
         return
-    try:
-        with allowlisted_globals():
-            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
-    except pickle.UnpicklingError as err:
-        culprit = unsafe_global_in(err) or "an object outside the allow-list"
-        raise UnsafeCheckpointError(
-            f"ckpt_path={ckpt_path} holds {culprit}: not a checkpoint vitlab wrote, and "
-            "unpickling it could run code from the file; refused"
-        ) from err
+    with vitlab_checkpoint(f"ckpt_path={ckpt_path}"):
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
