@@ -79,3 +79,16 @@ def test_resume_from_a_missing_file_or_in_fungiclef_is_refused_before_any_stage(
     )
     with pytest.raises(ConfigError, match="cannot resume"):
         load("fungiclef").validate(fungi)
+
+
+def test_a_file_that_is_not_a_training_checkpoint_is_refused_before_any_stage(tmp_path):
+    import torch
+
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    weights = tmp_path / "weights.ckpt"
+    torch.save({"model": {"w": torch.zeros(1)}}, weights)
+    for path, match in ((text, "not a checkpoint"), (weights, "not a Lightning training")):
+        cfg = compose_config("train", [f"ckpt_path={path}"], tmp_path)
+        with pytest.raises(ConfigError, match=match):
+            load("plantclef").validate(cfg)

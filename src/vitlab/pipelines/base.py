@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -28,6 +29,7 @@ from vitlab.console import print_config
 from vitlab.data.synthetic.markers import ForeignFolderError, is_complete, require_claimable
 from vitlab.errors import ConfigError
 from vitlab.quiet import quiet_known_noise
+from vitlab.safe_load import UnsafeCheckpointError, vitlab_checkpoint
 from vitlab.tracking import RunTracker, recorded_run, set_aside_previous
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,18 @@ def check_resume(cfg: DictConfig, supported: bool = True) -> None:
         )
     if not Path(path).is_file():
         raise ConfigError(f"ckpt_path={path}: no such checkpoint file (a .ckpt to resume from)")
+    try:  # read now, not after prepare/embed: a wrong file fails before any stage
+        with vitlab_checkpoint(f"ckpt_path={path}"):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # not a torch file at all
+        raise ConfigError(f"ckpt_path={path}: not a checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or not {"state_dict", "loops"} <= set(checkpoint):
+        raise ConfigError(
+            f"ckpt_path={path}: not a Lightning training checkpoint (no state_dict/loops; "
+            "resume from a run's checkpoints/last.ckpt)"
+        )
 
 
 def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
