@@ -452,6 +452,12 @@ def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run: RunContext, callba
         val_loader = batch_loader(RowsDataset(val_rows, val_t), 4096)
         fold_dir = run.run_dir / "checkpoints" / name
         trainer = build_trainer(cfg, run, fold_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
+        log.info(
+            "%s: training on %d images, validating on %d",
+            name,
+            len(train_rows.frame),
+            len(val_rows.frame),
+        )
         with run.tracker.scope(name, fold=name):  # W&B `fold1/train/loss`, CSV column `fold`
             trainer.fit(module, loader, val_loader)
         best = trained_checkpoint(trainer, fold_dir)
