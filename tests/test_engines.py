@@ -250,6 +250,7 @@ def test_spark_settings_from_the_command_line_reach_spark_flat(tmp_path):
     engine = instantiate_node(cfg.engine, "engine")
     assert engine.conf == {
         "spark.driver.memory": "4g",
+        "spark.ui.showConsoleProgress": "false",
         "spark.executor.memory": "16g",
         "spark.archives": "e.tgz#environment",
     }

@@ -194,5 +194,5 @@ def trained_checkpoint(trainer: pl.Trainer, checkpoint_dir: Path) -> Path:
     if (checkpoint_dir / "last.ckpt").is_file():
         return checkpoint_dir / "last.ckpt"
     final = checkpoint_dir / "final.ckpt"
-    trainer.save_checkpoint(final)
+    trainer.save_checkpoint(final, weights_only=False)  # a full checkpoint: resumable
     return final

@@ -28,10 +28,16 @@ class _DropContaining(logging.Filter):
         return self.text not in record.getMessage()
 
 
+# (message regex): warnings worth seeing once per run, not from every call site
+ONCE_WARNINGS = (r"PySpark does not yet fully support pandas",)  # 4+ lines per Spark stage
+
+
 def quiet_known_noise() -> None:
     """Idempotent; called by every pipeline at its start."""
     for message, category in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category or Warning)
+    for message in ONCE_WARNINGS:
+        warnings.filterwarnings("once", message=message)
     for name, text in DROPPED_LOG_LINES:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropContaining) and f.text == text for f in logger.filters):
