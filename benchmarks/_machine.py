@@ -87,6 +87,12 @@ def format_share(share: float | None) -> str:
 
 def report_load(when: str) -> None:
     """Other processes on the machine skew the figures: show the 1-minute load average."""
+    import torch
+
     load = os.getloadavg()[0]
     note = "" if load < 0.5 else " (machine busy: expect noisy figures)"
-    print(f"load average at {when}: {load:.2f} on {os.cpu_count()} cores{note}", flush=True)
+    print(
+        f"load average at {when}: {load:.2f} on {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads{note}",
+        flush=True,
+    )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
@@ -29,6 +29,7 @@ from vitlab.console import print_config
 from vitlab.data.synthetic.markers import ForeignFolderError, is_complete, require_claimable
 from vitlab.errors import ConfigError
 from vitlab.quiet import quiet_known_noise
+from vitlab.runtime import apply_threads, local_spark_master, resolve_threads, runtime_record
 from vitlab.safe_load import UnsafeCheckpointError, vitlab_checkpoint
 from vitlab.tracking import RunTracker, recorded_run, set_aside_previous
 
@@ -71,6 +72,7 @@ class RunContext:
             "task": job_type,
             "pipeline": cfg.get("pipeline"),
             "run_dir": str(self.run_dir),
+            "runtime": runtime_record(OmegaConf.select(cfg, "runtime.threads")),
             **summary,
         }
         self.tracker = RunTracker(cfg.logger, self.run_dir, job_type, cfg)
@@ -119,6 +121,11 @@ def begin(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, old) is not None:
             raise ConfigError(f"{old} was renamed: use {new}")
     set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
+    threads = resolve_threads(OmegaConf.select(cfg, "runtime.threads"))
+    apply_threads(threads)
+    if threads is not None and OmegaConf.select(cfg, "engine.master"):
+        with open_dict(cfg):
+            cfg.engine.master = local_spark_master(cfg.engine.master, threads)
     if cfg.get("callbacks") and "fit" in cfg:  # a bad callbacks= node fails before any stage
         require_choice(cfg, "fit.mode", ("min", "max"))
         configured_callbacks(cfg, cfg.fit.monitor, cfg.fit.mode)
