@@ -1,9 +1,10 @@
 """Optimisers and LR schedulers: one shape for every pipeline.
 
 The `optimizer` and `scheduler` config groups (configs/optimizer, configs/scheduler) hold
-`_partial_: true` Hydra targets. A LightningModule calls `build_optimizer(node, params)` and
-`build_scheduler(node, optimizer, runtime)`; the pipelines' `validate` calls
-`check_optimization(cfg)` so a bad optimiser or scheduler key fails before any stage.
+`_partial_: true` Hydra targets. Every LightningModule's `configure_optimizers` returns
+`configure_optimizers(optimizer, scheduler, params, trainer)` (which calls `build_optimizer` and
+`build_scheduler`); the pipelines' `validate` calls `check_optimization(cfg)` so a bad optimiser
+or scheduler key fails before any stage.
 
 A scheduler node may also hold Lightning's stepping keys (`interval`, `frequency`, `monitor`),
 which are not constructor arguments, and `???` for values only known at run time
