@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 BLOCK = 32768
 HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -32,6 +34,8 @@ def records(path: Path):
             continue
         length = int.from_bytes(data[pos + 4 : pos + 6], "little")
         kind = data[pos + 6]
+        if pos + HEADER + length > len(data):  # W&B's core is still writing this record
+            break
         payload = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == FULL:
@@ -70,7 +74,10 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> OfflineRun:
     (log,) = Path(run_dir).glob("run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        found = list(records(log))
+        try:
+            found = list(records(log))
+        except DecodeError:  # a record half written as we read: read the log again
+            found = []
         if any(r.WhichOneof("record_type") == "exit" for r in found):
             break
         if time.monotonic() > deadline:
