@@ -378,3 +378,28 @@ def test_groupvit_quickstart_sweeps(tmp_path):
     assert len(study.get_trials(states=(STATES.COMPLETE,))) == 2
     assert best["value"] > 0  # val/loss
     assert set(best["params"]) == {"optimizer.lr", "groupvit.losses.multi_label"}
+
+
+def test_pruning_sees_every_fold_of_a_trial_as_its_own_steps():
+    """A FungiCLEF trial fits one head per fold with the same callback; the epoch restarts at 0
+    for each fold, but the pruner must see fold 2's values too (as later steps)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vitlab.sweeps import OptunaPruning
+
+    study = optuna.create_study(direction="minimize")
+    trial = study.ask()
+    pruning = OptunaPruning(trial, "val/loss")
+    for fold_losses in ([3.0, 2.0], [2.5, 1.5]):
+        for epoch, loss in enumerate(fold_losses):
+            trainer = SimpleNamespace(
+                sanity_checking=False,
+                current_epoch=epoch,
+                callback_metrics={"val/loss": torch.tensor(loss)},
+                should_stop=False,
+            )
+            pruning.on_validation_end(trainer, None)
+    frozen = study._storage.get_trial(trial._trial_id)
+    assert frozen.intermediate_values == {0: 3.0, 1: 2.0, 2: 2.5, 3: 1.5}

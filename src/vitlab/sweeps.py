@@ -179,17 +179,23 @@ def build_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
 class OptunaPruning(pl.Callback):
     """Report the monitored validation metric each epoch; stop the run when Optuna prunes.
     `sign=-1` when the monitor improves the other way than the study's objective (FungiCLEF:
-    `val/loss` monitored, macro F1 maximised), so the pruner compares like with like."""
+    `val/loss` monitored, macro F1 maximised), so the pruner compares like with like.
+
+    The step is the count of validations reported so far, not `trainer.current_epoch`: a
+    FungiCLEF trial fits one head per fold with this callback, the epoch restarts at 0 for each,
+    and Optuna ignores a step reported twice (fold 2 was never seen by the pruner)."""
 
     def __init__(self, trial: optuna.Trial, monitor: str, sign: float = 1.0):
         self.trial, self.monitor, self.sign, self.pruned = trial, monitor, sign, False
+        self.step = 0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         try:
             value = self.sign * float(trainer.callback_metrics[self.monitor])
-            self.trial.report(value, trainer.current_epoch)
+            self.trial.report(value, self.step)
+            self.step += 1
             prune = self.trial.should_prune()
         except UpdateFinishedTrialError:  # closed as stale by another worker: stop, result dropped
             trainer.should_stop = True
