@@ -96,3 +96,61 @@ def report_load(when: str) -> None:
         f"{torch.get_num_threads()} torch threads{note}",
         flush=True,
     )
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """Ratio a/b of two alternately measured rates: the median of the per-pair ratios with its
+    spread (min-max and interquartile), the number of pairs, and the load average over them."""
+
+    median: float
+    low: float
+    high: float
+    q1: float
+    q3: float
+    pairs: int
+    load: tuple[float, float]  # 1-minute load average at the first and the last pair
+
+    def __str__(self) -> str:
+        return (
+            f"{self.median:.3f} [IQR {self.q1:.3f}-{self.q3:.3f}, range {self.low:.3f}-"
+            f"{self.high:.3f}, {self.pairs} pairs, load {self.load[0]:.2f}->{self.load[1]:.2f}]"
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "median": self.median,
+            "range": [self.low, self.high],
+            "iqr": [self.q1, self.q3],
+            "pairs": self.pairs,
+            "load": list(self.load),
+        }
+
+
+def paired_ratio(a: Callable[[], float], b: Callable[[], float], pairs: int) -> PairedRatio:
+    """Run `a` and `b` alternately `pairs` times (order swapped every pair, so neither side
+    always runs first) and return the per-pair ratios' median a/b. Each callable returns a rate
+    (items per second): a pair shares the machine's load, so its ratio cancels most of the noise
+    a shared machine adds; the median, not the best, because best-of-N favours the side whose
+    best moment was luckier."""
+    import statistics
+
+    ratios = []
+    load_start = os.getloadavg()[0]
+    for i in range(pairs):
+        if i % 2:
+            rate_b, rate_a = b(), a()
+        else:
+            rate_a, rate_b = a(), b()
+        ratios.append(rate_a / rate_b)
+    ratios.sort()
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return PairedRatio(
+        statistics.median(ratios),
+        ratios[0],
+        ratios[-1],
+        quartiles[0],
+        quartiles[2],
+        len(ratios),
+        (load_start, os.getloadavg()[0]),
+    )
