@@ -6,7 +6,8 @@ one process, alternating over repeats:
            (the minimum work to get numpy arrays out of the files);
 (both read the columns head training needs: species_id and embedding)
   stream   `DataLoader(ParquetStream(..., shuffle=True), batch_size=None)` batches of B rows.
-Prints rows/s of each (best repeat) and the ratio stream/raw (target >= 0.8).
+Prints the median rows/s of each and the median of the per-pair ratios stream/raw with its spread
+and the load average (target >= 0.8).
 
 Run: PYTHONPATH=src python benchmarks/streaming_loader.py [--rows 400000 --dim 768]
 """
@@ -14,6 +15,7 @@ Run: PYTHONPATH=src python benchmarks/streaming_loader.py [--rows 400000 --dim 7
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _machine import paired_ratio, report_load
 from torch.utils.data import DataLoader
 
 from vitlab.data.shards import arrow_to_embeddings, embeddings_to_arrow
@@ -59,20 +62,15 @@ def raw_scan(paths: list[Path]) -> int:
 
 
 def stream_scan(paths: list[Path], batch_size: int, workers: int) -> int:
-    stream = ParquetStream(
-        paths, batch_size=batch_size, columns=COLUMNS, shuffle=True, buffer_size=8192
-    )
+    stream = ParquetStream(paths, batch_size=batch_size, columns=COLUMNS, shuffle=True)
     loader = DataLoader(stream, batch_size=None, num_workers=workers)
     return sum(len(batch["embedding"]) for batch in loader)
 
 
-def best_rate(fn, repeats: int) -> tuple[float, int]:
-    best, rows = 0.0, 0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        rows = fn()
-        best = max(best, rows / (time.perf_counter() - start))
-    return best, rows
+def rate(fn) -> float:
+    start = time.perf_counter()
+    rows = fn()
+    return rows / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -82,25 +80,34 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=9)
     args = parser.parse_args()
+    report_load("start")
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_shards(Path(tmp), args.rows, args.dim, args.shard_rows)
-        raw, stream = 0.0, 0.0
-        for _ in range(args.repeats):  # interleaved: both sides see the same machine load
-            r, n_raw = best_rate(lambda: raw_scan(paths), 1)
-            s, n_stream = best_rate(lambda: stream_scan(paths, args.batch_size, args.workers), 1)
-            assert n_raw == n_stream == args.rows
-            raw, stream = max(raw, r), max(stream, s)
+        assert raw_scan(paths) == stream_scan(paths, args.batch_size, args.workers) == args.rows
+        raw_rates: list[float] = []
+        stream_rates: list[float] = []
+
+        def raw() -> float:
+            raw_rates.append(rate(lambda: raw_scan(paths)))
+            return raw_rates[-1]
+
+        def stream() -> float:
+            stream_rates.append(rate(lambda: stream_scan(paths, args.batch_size, args.workers)))
+            return stream_rates[-1]
+
+        ratio = paired_ratio(stream, raw, args.pairs)
     size_mb = args.rows * args.dim * 4 / 2**20
     print(
         f"{args.rows} rows x {args.dim} float32 ({size_mb:.0f} MiB), batch {args.batch_size}, "
-        f"workers {args.workers}, best of {args.repeats}"
+        f"workers {args.workers}, {args.pairs} alternating pairs"
     )
-    print("| reader | rows/s |\n|---|---|")
-    print(f"| raw pyarrow scan | {raw:,.0f} |")
-    print(f"| ParquetStream (shuffled) | {stream:,.0f} |")
-    print(f"ratio stream/raw = {stream / raw:.2f} (target >= 0.8)")
+    print("| reader | median rows/s |\n|---|---|")
+    print(f"| raw pyarrow scan | {statistics.median(raw_rates):,.0f} |")
+    print(f"| ParquetStream (shuffled) | {statistics.median(stream_rates):,.0f} |")
+    print(f"stream/raw, median of per-pair ratios = {ratio} (target >= 0.8)")
+    report_load("end")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,32 @@ def test_local_and_spark_give_the_same_rows_and_embeddings(tiny_plantclef, tmp_p
         assert not stage.verify(checksum=True)
 
 
+def test_test_tiles_on_spark_equal_the_local_ones(tiny_plantclef, tmp_path, spark_engine):
+    from vitlab.data.plantclef import list_test_images
+    from vitlab.inference.plantclef import GridArgmax
+    from vitlab.stages.tiles import embed_test_tiles
+
+    folder = tiny_plantclef / "PlantCLEF2024test"
+    images = list_test_images(folder)
+    stages = {}
+    for name, engine in (("local", LocalEngine()), ("spark", spark_engine)):
+        backbone = create_backbone("timm", **TINY)
+        stages[name], embedded = embed_test_tiles(
+            images, folder, GridArgmax(2), backbone, ClsToken(), tmp_path / name, engine=engine
+        )
+        assert embedded == len(images)
+    local, spark = (stages[n].read_table() for n in ("local", "spark"))
+    assert local.column("image").equals(spark.column("image"))
+    assert local.column("tile").equals(spark.column("tile"))
+    np.testing.assert_allclose(
+        np.stack(local.column("embedding").to_numpy(zero_copy_only=False)),
+        np.stack(spark.column("embedding").to_numpy(zero_copy_only=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert stages["spark"].manifest["report"]["engine"] == "spark"
+
+
 def test_unknown_engine_names_the_key():
     with pytest.raises(ValueError, match="engine.kind"):
         create_engine("dask")

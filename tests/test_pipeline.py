@@ -42,7 +42,7 @@ def test_train_writes_run_directory(trained, tiny_plantclef):
     run = root / "run"
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["best_checkpoint"] == summary["best_checkpoint"]
-    assert set(on_disk["cache_keys"]) == {"prepare", "embed"}
+    assert set(on_disk["cache_keys"]) == {"prepare", "embed", "tiles"}
     assert (Path(summary["best_checkpoint"]).parent / "label_map.json").is_file()
     assert (run / "csv" / "metrics.csv").is_file()
     assert (run / "per_plot_predictions.csv").is_file() and (run / "per_species_f1.png").is_file()

@@ -60,3 +60,20 @@ def test_threads_are_applied_before_any_stage_and_recorded(tiny_plantclef, tmp_p
     assert runtime["cores"] >= 1 and len(runtime["load_average"]) == 3
     with pytest.raises(ConfigError, match="runtime.threads"):
         begin(compose_config("train", ["runtime.threads=0"], tmp_path))
+
+
+def test_the_thread_setting_caps_the_decode_pools():
+    import torch
+
+    from vitlab.runtime import apply_threads, decode_pool_size
+
+    before = torch.get_num_threads()
+    try:
+        apply_threads(1)
+        assert decode_pool_size() == 1 and torch.get_num_threads() == 1
+        apply_threads(8)
+        assert decode_pool_size() == 2  # never more than the pool's own size
+    finally:
+        apply_threads(None)
+        torch.set_num_threads(before)
+    assert decode_pool_size() == 2

@@ -40,7 +40,7 @@ def test_every_row_exactly_once_across_2_workers_x_2_ranks(shards, shuffle):
     paths, total = shards
     seen = Counter()
     for rank in range(2):
-        stream = ParquetStream(paths, batch_size=16, shuffle=shuffle, buffer_size=64, seed=5,
+        stream = ParquetStream(paths, batch_size=16, shuffle=shuffle, seed=5,
                                rank=rank, world_size=2)  # fmt: skip
         seen.update(_ids(stream, workers=2))
     assert sorted(seen) == list(range(total))
@@ -49,7 +49,7 @@ def test_every_row_exactly_once_across_2_workers_x_2_ranks(shards, shuffle):
 
 def test_shuffle_changes_with_epoch_and_is_reproducible(shards):
     paths, total = shards
-    stream = ParquetStream(paths, batch_size=32, buffer_size=100, seed=1)
+    stream = ParquetStream(paths, batch_size=32, seed=1)
     first = _ids(stream, 0)
     again = _ids(stream, 0)
     stream.set_epoch(1)
@@ -70,3 +70,25 @@ def test_batches_and_drop_last(shards):
 def test_empty_path_list_is_an_error():
     with pytest.raises(ValueError, match="at least one"):
         ParquetStream([])
+
+
+def test_prepare_deals_images_to_shards_in_random_order(tiny_plantclef, tmp_path):
+    """The stream's batches are slices of a permuted row group, so the shards themselves must
+    not follow the metadata's (species-by-species) order."""
+    from vitlab.data.plantclef import read_training_metadata
+    from vitlab.stages.prepare import PrepareParams, prepare_training_images
+
+    csv = tiny_plantclef / "PlantCLEF2024_single_plant_training_metadata.csv"
+    stage = prepare_training_images(
+        csv, tiny_plantclef / "images_max_side_800", tmp_path, PrepareParams(32, shard_size=40)
+    )
+    metadata = read_training_metadata(csv)
+    first = pq.read_table(stage.shard_paths()[0], columns=["image_name", "species_id"])
+    listed = metadata["image_name"].tolist()
+    names = first.column("image_name").to_pylist()
+    assert names != listed[: len(names)]
+    # a random 40 of ~20 species' images span many species, the CSV's first 40 only a few
+    first_species = metadata["species_id"].head(len(names)).nunique()
+    assert len(set(first.column("species_id").to_pylist())) > first_species
+    everything = stage.read_table(columns=["image_name"]).column("image_name").to_pylist()
+    assert sorted(everything) == sorted(listed)

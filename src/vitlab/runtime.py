@@ -38,10 +38,22 @@ def resolve_threads(
     return setting
 
 
+_threads: int | None = None  # what the run set (runtime.threads), for the decode pools
+
+
 def apply_threads(threads: int | None) -> None:
-    """torch's intra-op threads (the backbone forward, the head's matmuls)."""
+    """torch's intra-op threads (the backbone forward, the head's matmuls), and the size of the
+    image-decode pools (`decode_pool_size`)."""
+    global _threads
+    _threads = threads
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def decode_pool_size(default: int = 2) -> int:
+    """Threads that decode images beside the model: `default`, at most the run's thread count
+    (`runtime.threads=1` on a busy machine: one decoding thread, not two)."""
+    return default if _threads is None else max(1, min(default, _threads))
 
 
 def local_spark_master(master: str, threads: int | None) -> str:

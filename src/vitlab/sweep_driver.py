@@ -108,6 +108,7 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
             policy = StaleTrialPolicy.from_spec(spec)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        trial_predicts_test(spec, base.optimized_metric)  # a bad value fails before trial 0
         sweep_dir = Path(base.paths.root_dir) / "sweeps" / spec.study_name
         sweep_dir.mkdir(parents=True, exist_ok=True)
         study = create_or_load_study(spec)
@@ -123,6 +124,8 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
                     if not cfg.logger.wandb.get("name"):  # the trial and what it varies
                         params = ",".join(name_part(o) for o in trial_overrides)
                         cfg.logger.wandb.name = f"{trial_folder(trial.number)} {params}"
+                if OmegaConf.select(cfg, "predict.test") is not None:
+                    cfg.predict.test = trial_predicts_test(spec, cfg.optimized_metric)
             save_trial_config(cfg, out)
             same_way = (cfg.fit.mode == "max") == (spec.direction == "maximize")
             pruning = OptunaPruning(trial, cfg.fit.monitor, 1.0 if same_way else -1.0)
@@ -155,6 +158,18 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
         # a rerun of a finished study adds nothing: no new W&B summary run
         _write_results(study, sweep_dir, base, log_to_wandb=ran > 0)
     return study
+
+
+def trial_predicts_test(spec: DictConfig, optimized_metric: str) -> bool:
+    """`sweep.predict_test`: whether a trial predicts the test set (PlantCLEF's `predict.test`).
+    auto (default): only when the objective is a test metric; a trial that skips it saves the
+    tile forwards and the submission no one reads (the best trial is rerun with train.py)."""
+    choice = spec.get("predict_test", "auto")
+    if choice == "auto":
+        return optimized_metric.startswith("test/")
+    if isinstance(choice, bool):
+        return choice
+    raise ConfigError(f"sweep.predict_test must be auto, true or false, got {choice!r}")
 
 
 def trial_folder(number: int) -> str:

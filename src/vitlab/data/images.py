@@ -6,6 +6,7 @@ Pure functions on PIL images / numpy arrays; file IO is limited to `open_image`.
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,43 @@ def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+# Raw pixels (`prepare.encoding=raw`): this tag, height and width (uint16 each), then H*W*3
+# uint8 RGB. No JPEG (FF D8) or PNG (89 50) blob starts with the tag.
+RAW_TAG = b"RGB8"
+_RAW_HEADER = len(RAW_TAG) + 4
+
+
+def encode_raw(img: Image.Image) -> bytes:
+    """An RGB image as tagged raw pixels: no decode cost when read, ~4-6x a q95 JPEG's size."""
+    width, height = img.size
+    pixels = to_uint8_array(img.convert("RGB"))
+    return RAW_TAG + struct.pack("<HH", height, width) + pixels.tobytes()
+
+
+def decode_rgb_array(data: bytes, name: str | None = None) -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8 array. Tagged raw pixels are a view of `data`;
+    JPEG/PNG are decoded by torchvision (libjpeg-turbo: the same pixels as PIL, ~1.3x faster
+    here, no PIL object per image). Bytes torchvision cannot decode go through PIL, which
+    decodes what it can or names the image in its error."""
+    if data[: len(RAW_TAG)] == RAW_TAG:
+        height, width = struct.unpack("<HH", data[len(RAW_TAG) : _RAW_HEADER])
+        if len(data) != _RAW_HEADER + height * width * 3:
+            raise CorruptImageError(
+                f"cannot decode image {name or '<bytes>'}: raw pixels of {len(data)} bytes "
+                f"for {height}x{width}"
+            )
+        return np.frombuffer(data, np.uint8, offset=_RAW_HEADER).reshape(height, width, 3)
+    import torch
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    try:
+        chw = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return to_uint8_array(decode_image(data, name))
+    return chw.permute(1, 2, 0).numpy()  # the decoder's own (H, W, 3) memory: no copy
 
 
 def to_uint8_array(img: Image.Image) -> np.ndarray:

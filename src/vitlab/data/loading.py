@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from vitlab.data.images import decode_image, to_uint8_array
+from vitlab.data.images import decode_rgb_array
 
 T = TypeVar("T")
 _DONE = object()
@@ -51,7 +51,7 @@ def decode_uint8_batch(
     """Decode same-size encoded images into one (N, H, W, 3) uint8 array."""
 
     def one(i: int) -> np.ndarray:
-        return to_uint8_array(decode_image(blobs[i], names[i]))
+        return decode_rgb_array(blobs[i], names[i])
 
     arrays = list(pool.map(one, range(len(blobs)))) if pool else [one(i) for i in range(len(blobs))]
     return np.stack(arrays)

@@ -2,9 +2,12 @@
 
 `ParquetStream` is a torch `IterableDataset` over Parquet shards. The unit of work is one row
 group of one file; units are dealt round-robin to the (DDP rank, DataLoader worker) pairs, so each
-row is delivered exactly once per epoch across all workers and ranks. Shuffling is two-level:
-the unit order is permuted per epoch (seeded by seed + epoch, identical on every rank), then rows
-are drawn at random from a pool of row groups (see `_shuffled_batches`). It yields whole
+row is delivered exactly once per epoch across all workers and ranks. Shuffling is two-level and
+costs one copy of each row: the unit order is permuted per epoch (seeded by seed + epoch,
+identical on every rank), then each row group's rows are permuted once (one gather per column)
+and batches are slices of it; a batch holds rows of one row group, or of two consecutive ones
+where a group's last rows carry over. So a batch is as random as a row group: PlantCLEF's prepare
+stage deals the images to shards in a fixed random order for that reason. It yields whole
 batches (a dict of numpy arrays per column, an embedding column as (B, D) float32), so use it
 with `DataLoader(stream, batch_size=None)`: the per-row Python work of a row-wise dataset would
 dominate the cost of reading embeddings. For precomputed embeddings `num_workers=0` is fastest
@@ -89,7 +92,6 @@ class ParquetStream(IterableDataset):
         batch_size: int = 256,
         columns: Sequence[str] | None = None,
         shuffle: bool = True,
-        buffer_size: int = 8192,
         seed: int = 0,
         drop_last: bool = False,
         rank: int | None = None,
@@ -103,7 +105,7 @@ class ParquetStream(IterableDataset):
         self.units = list_units(paths)
         self.batch_size, self.drop_last = batch_size, drop_last
         self.columns = list(columns) if columns else None
-        self.shuffle, self.buffer_size, self.seed = shuffle, max(0, buffer_size), seed
+        self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -131,39 +133,12 @@ class ParquetStream(IterableDataset):
             table = pq.ParquetFile(unit.path).read_row_group(unit.row_group, columns=self.columns)
             yield _columns_to_numpy(table)
 
-    def _shuffled_batches(
-        self, chunks: Iterator[Batch], rng: np.random.Generator
-    ) -> Iterator[Batch]:
-        """Random batches from a pool of row groups holding >= buffer_size rows: each group is
-        permuted (indices only) and every batch draws from the groups at random, proportionally
-        to their remaining rows (an exact draw without replacement). Rows are copied once, into
-        the batch; the row groups stay as read (zero-copy Arrow memory)."""
-        pool: list[_PoolEntry] = []
-        chunks = iter(chunks)
-        exhausted = False
-        while True:
-            while not exhausted and sum(e.remaining for e in pool) < self.buffer_size:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    exhausted = True
-                elif _length(chunk):
-                    pool.append(_PoolEntry(chunk, rng.permutation(_length(chunk))))
-            available = np.array([e.remaining for e in pool], dtype=np.int64)
-            n = int(min(self.batch_size, available.sum()))
-            if n == 0 or (n < self.batch_size and self.drop_last):
-                return
-            counts = rng.multivariate_hypergeometric(available, n)
-            first = pool[0].data
-            batch = {k: np.empty((n, *v.shape[1:]), dtype=v.dtype) for k, v in first.items()}
-            offset = 0
-            for entry, count in zip(pool, counts):
-                if count:
-                    rows = entry.take(int(count))
-                    for key, values in entry.data.items():
-                        np.take(values, rows, axis=0, out=batch[key][offset : offset + count])
-                    offset += count
-            pool = [e for e in pool if e.remaining]
-            yield batch
+    def _permuted(self, pieces: Iterator[Batch], rng: np.random.Generator) -> Iterator[Batch]:
+        """Each row group with its rows in a new random order: one gather per column, the only
+        copy of the rows (batches are then slices of it)."""
+        for piece in pieces:
+            order = rng.permutation(_length(piece))
+            yield {key: values[order] for key, values in piece.items()}
 
     def _sequential_batches(self, pieces: Iterator[Batch]) -> Iterator[Batch]:
         """Batches in file order; whole batches inside a row group are views, not copies."""
@@ -192,22 +167,5 @@ class ParquetStream(IterableDataset):
         # the next row group is read in a background thread (pyarrow releases the GIL)
         pieces = prefetch(self._unit_batches(self._my_units()), depth=2)
         if self.shuffle:
-            yield from self._shuffled_batches(pieces, rng)
-        else:
-            yield from self._sequential_batches(pieces)
-
-
-@dataclass
-class _PoolEntry:
-    data: Batch
-    order: np.ndarray
-    cursor: int = 0
-
-    @property
-    def remaining(self) -> int:
-        return len(self.order) - self.cursor
-
-    def take(self, count: int) -> np.ndarray:
-        rows = self.order[self.cursor : self.cursor + count]
-        self.cursor += count
-        return rows
+            pieces = self._permuted(pieces, rng)
+        yield from self._sequential_batches(pieces)

@@ -1,7 +1,8 @@
 """Plot-level inference strategies for PlantCLEF quadrats.
 
-A strategy says which boxes of a quadrat to classify (`boxes`) and how to turn the per-box
-class probabilities into the plot's species list (`aggregate`). Both are pure functions of
+A strategy says which boxes of a quadrat to classify (`boxes`, described by `box_params`: the
+cache key of the test tiles' embeddings) and how to turn the per-box class probabilities into
+the plot's species list (`aggregate`). Both are pure functions of
 their inputs, so they are tested without a model.
 """
 
@@ -45,6 +46,9 @@ class FullImageTopK:
     def boxes(self, width: int, height: int) -> list[Box]:
         return [(0, 0, width, height)]
 
+    def box_params(self) -> dict[str, object]:
+        return {"boxes": "full_image"}
+
     def aggregate(self, tile_probs: np.ndarray, species_ids: Sequence[int]) -> list[int]:
         return [int(species_ids[i]) for i in top_k_indices(tile_probs[0], self.k)]
 
@@ -61,6 +65,9 @@ class GridArgmax:
 
     def boxes(self, width: int, height: int) -> list[Box]:
         return grid_boxes(width, height, self.grid_size)
+
+    def box_params(self) -> dict[str, object]:
+        return {"boxes": "grid", "grid_size": self.grid_size}
 
     def aggregate(self, tile_probs: np.ndarray, species_ids: Sequence[int]) -> list[int]:
         best = tile_probs.argmax(axis=1)
@@ -84,6 +91,9 @@ class GridTopK:
 
     def boxes(self, width: int, height: int) -> list[Box]:
         return grid_boxes(width, height, self.grid_size)
+
+    def box_params(self) -> dict[str, object]:
+        return {"boxes": "grid", "grid_size": self.grid_size}
 
     def aggregate(self, tile_probs: np.ndarray, species_ids: Sequence[int]) -> list[int]:
         classes, scores = [], []

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from vitlab.cache import content_key, directory_fingerprint
 from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
 from vitlab.config import (
     fill_runtime,
@@ -222,6 +223,41 @@ def check_resume(cfg: DictConfig, supported: bool = True) -> None:
             f"ckpt_path={path}: not a Lightning training checkpoint (no state_dict/loops; "
             "resume from a run's checkpoints/last.ckpt)"
         )
+
+
+_built_backbone: dict[str, Any] = {}  # the last backbone built in this process, by its key
+
+
+def build_backbone(node: DictConfig | dict[str, Any], key: str = "backbone") -> Any:
+    """The backbone `node` describes, built once per process: a sweep's trials (and a multirun's
+    jobs, which Hydra's basic launcher runs in one process) reuse the one built for the same
+    config and the same files (a weights file or folder that changed is a new backbone). Safe to
+    share: backbones are frozen feature extractors here (eval mode, used under inference_mode).
+    Only the last one is kept, so a sweep over backbones does not pile them up in memory."""
+    container = to_container(node) if isinstance(node, DictConfig) else dict(node)
+    memo_key = content_key(container, [_path_state(v) for v in container.values()])
+    if memo_key not in _built_backbone:
+        _built_backbone.clear()
+        _built_backbone[memo_key] = instantiate_node(node, key)
+    else:
+        log.info("%s: reusing the one built earlier in this process", key)
+    return _built_backbone[memo_key]
+
+
+def _path_state(value: Any) -> Any:
+    """(size, mtime) of a file, the fingerprint of a folder; None for anything else."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value)
+    try:
+        if path.is_file():
+            stat = path.stat()
+            return [stat.st_size, stat.st_mtime_ns]
+        if path.is_dir():
+            return directory_fingerprint(path)
+    except OSError:
+        return None
+    return None
 
 
 def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:

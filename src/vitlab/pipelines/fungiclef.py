@@ -70,6 +70,7 @@ from vitlab.pipelines.base import (
     RunContext,
     RunSummary,
     begin,
+    build_backbone,
     build_trainer,
     check_resume,
     ensure_generated,
@@ -261,7 +262,7 @@ def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> R
     begin(cfg)
     validate_fungiclef(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    backbone = instantiate_node(cfg.backbone, "backbone")
+    backbone = build_backbone(cfg.backbone)
     features = instantiate_node(cfg.features, "features")
     engine = instantiate_node(cfg.engine, "engine")
     prepare_params = PrepareParams.from_config(cfg.prepare)

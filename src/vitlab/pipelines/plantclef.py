@@ -8,6 +8,7 @@ All components are built and validated before the first stage runs.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from vitlab.pipelines.base import (
     RunContext,
     RunSummary,
     begin,
+    build_backbone,
     build_trainer,
     check_resume,
     ensure_generated,
@@ -60,6 +62,7 @@ from vitlab.stages.predict import (
 )
 from vitlab.stages.prepare import PrepareParams, prepare_training_images
 from vitlab.stages.score import per_plot_rows, plot_per_species_f1
+from vitlab.stages.tiles import embed_test_tiles, predict_from_tiles
 from vitlab.tasks.classification import EmbeddingClassifier
 from vitlab.tracking import WANDB_MODES, write_json
 
@@ -150,7 +153,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
     begin(cfg)
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    backbone = instantiate_node(cfg.backbone, "backbone")
+    backbone = build_backbone(cfg.backbone)
     features = instantiate_node(cfg.features, "features")
     strategy = instantiate_node(cfg.inference, "inference")
     engine = instantiate_node(cfg.engine, "engine")
@@ -195,7 +198,11 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
             predictor = EmbeddingHeadPredictor(
                 backbone, features, result.module.head, result.module.species_ids
             )
-        _predict_and_score(cfg, predictor, strategy, test_images, run)
+        if cfg.predict.get("test", True):
+            _predict_and_score(cfg, predictor, strategy, test_images, run, engine)
+        else:
+            summary["predict_report"] = {"skipped": "predict.test=false"}
+            log.info("predict.test=false: the test set is not predicted (no submission)")
     log.info("summary: %s", run.run_dir / "summary.json")
     return summary
 
@@ -266,20 +273,13 @@ def _predict_and_score(
     strategy,
     test_images,
     run: RunContext,
+    engine=None,
 ) -> None:
     run_dir, tracker, summary = run.run_dir, run.tracker, run.summary
-    with run.stage("predict"):
-        result = predict_quadrats(
-            test_images,
-            strategy,
-            predictor,
-            cfg.predict.batch_size,
-            cfg.predict.quadrats_per_batch,
-            cfg.predict.get("tile_fit", "center_crop"),
-        )
+    result, report = _predict(cfg, predictor, strategy, test_images, run, engine)
     submission = write_submission(result.predictions, run_dir / "submission.csv")
     summary["submission"] = str(submission)
-    summary["predict_report"] = result.report()
+    summary["predict_report"] = {**result.report(), **report}
     summary["inference"] = to_container(cfg.inference)
     truth_path = cfg.dataset.get("test_ground_truth")
     if truth_path and Path(truth_path).is_file():
@@ -307,6 +307,44 @@ def _predict_and_score(
         log.info("no test ground truth at %s: submission written, not scored", truth_path)
 
 
+def _predict(
+    cfg: DictConfig, predictor: Predictor, strategy, test_images, run: RunContext, engine=None
+):
+    """The test predictions; with a trained head, from the cached tile embeddings (`embed_tiles`
+    computes only what the cache lacks), else every tile through the backbone's classifier."""
+    tile_fit = cfg.predict.get("tile_fit", "center_crop")
+    if not isinstance(predictor, EmbeddingHeadPredictor):
+        with run.stage("predict"):
+            result = predict_quadrats(
+                test_images,
+                strategy,
+                predictor,
+                cfg.predict.batch_size,
+                cfg.predict.quadrats_per_batch,
+                tile_fit,
+            )
+        return result, {}
+    with run.stage("embed_tiles"):
+        root = Path(os.path.commonpath([p.parent for p in test_images]))
+        tiles, embedded = embed_test_tiles(
+            test_images,
+            root,
+            strategy,
+            predictor.backbone,
+            predictor.features,
+            cfg.paths.cache_dir,
+            tile_fit,
+            cfg.predict.batch_size,
+            engine,
+        )
+    run.summary.setdefault("cache_keys", {})["tiles"] = tiles.key
+    with run.stage("predict"):
+        result = predict_from_tiles(
+            tiles, strategy, predictor.head, predictor.species_ids, tile_fit
+        )
+    return result, {"quadrats_embedded": embedded, "tile_cache": str(tiles.directory)}
+
+
 def infer(cfg: DictConfig) -> RunSummary:
     """Predict (and score) with a trained checkpoint, or with the backbone's own classifier.
     The dataset is the checkpoint's run's unless the command line sets `dataset`."""
@@ -329,7 +367,7 @@ def infer(cfg: DictConfig) -> RunSummary:
     if module is not None:
         predictor: Predictor = head_predictor(module)
     else:
-        predictor = BackboneClassifierPredictor(instantiate_node(cfg.backbone, "backbone"))
+        predictor = BackboneClassifierPredictor(build_backbone(cfg.backbone))
     check_label_overlap(predictor.species_ids, dataset.get("test_ground_truth"), cfg)
     if dataset is not cfg.dataset:
         with open_dict(cfg):
@@ -374,7 +412,7 @@ def load_head_module(checkpoint: Path) -> EmbeddingClassifier:
 
 def head_predictor(module: EmbeddingClassifier) -> EmbeddingHeadPredictor:
     context = module.hparams.context or {}
-    backbone = instantiate_node(OmegaConf.create(context["backbone"]), "checkpoint backbone")
+    backbone = build_backbone(context["backbone"], "checkpoint backbone")
     features = instantiate_node(OmegaConf.create(context["features"]), "checkpoint features")
     return EmbeddingHeadPredictor(backbone, features, module.head, module.species_ids)
 

@@ -27,6 +27,7 @@ from vitlab.data.loading import chunks, decode_uint8_batch, prefetch
 from vitlab.data.shards import ShardedStage, embeddings_to_arrow, shard_name
 from vitlab.engines.local import LocalEngine
 from vitlab.models.backbones import Backbone, backbone_in_process, preprocess_batch
+from vitlab.runtime import decode_pool_size
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class EmbedShardTask:
         names = table.column("image_name").to_pylist()
         blobs = table.column("image").to_pylist()
         vectors = []
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with ThreadPoolExecutor(max_workers=decode_pool_size()) as pool:
             batches = zip(chunks(names, self.batch_size), chunks(blobs, self.batch_size))
             decoded = (decode_uint8_batch(b, n, pool) for n, b in batches)
             for images in prefetch(decoded):

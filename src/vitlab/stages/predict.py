@@ -38,6 +38,7 @@ class Strategy(Protocol):
     name: str
 
     def boxes(self, width: int, height: int) -> list[tuple[int, int, int, int]]: ...
+    def box_params(self) -> dict[str, object]: ...
     def aggregate(self, tile_probs: np.ndarray, species_ids: Sequence[int]) -> list[int]: ...
 
 
@@ -113,6 +114,11 @@ def fit_tile(
     raise ConfigError(f"predict.tile_fit={how!r} is not one of {list(TILE_FITS)}")
 
 
+def check_tile_fit(tile_fit: str) -> None:
+    if tile_fit not in TILE_FITS:
+        raise ConfigError(f"predict.tile_fit={tile_fit!r} is not one of {list(TILE_FITS)}")
+
+
 def mean_colour(backbone: Backbone) -> tuple[int, int, int]:
     """The backbone's normalisation mean as an RGB colour (pads normalise to zero)."""
     r, g, b = (round(255 * m) for m in backbone.input_spec.mean)
@@ -169,8 +175,7 @@ def predict_quadrats(
     """Plot id -> predicted species ids for every quadrat. A corrupt quadrat, or one too small
     for the strategy's grid, is reported (with its file) and gets an empty prediction (so it
     scores 0 rather than vanishing from the submission)."""
-    if tile_fit not in TILE_FITS:
-        raise ConfigError(f"predict.tile_fit={tile_fit!r} is not one of {list(TILE_FITS)}")
+    check_tile_fit(tile_fit)
     size = predictor.backbone.input_spec.size
     fill = mean_colour(predictor.backbone)
 

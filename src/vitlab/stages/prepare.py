@@ -21,7 +21,13 @@ import pyarrow as pa
 
 from vitlab.cache import content_key, file_sha256, files_fingerprint
 from vitlab.config import to_container
-from vitlab.data.images import CorruptImageError, center_crop_resize, decode_image, encode_jpeg
+from vitlab.data.images import (
+    CorruptImageError,
+    center_crop_resize,
+    decode_image,
+    encode_jpeg,
+    encode_raw,
+)
 from vitlab.data.loading import map_threads
 from vitlab.data.missing_images import (
     DEFAULT_MAX_MISSING_FRACTION,
@@ -45,6 +51,7 @@ PREPARED_SCHEMA = pa.schema(
 REPORT_LIST_LIMIT = 100  # names listed in reports; counts are always complete
 # PrepareParams fields that do not change the prepared shards, so stay out of the cache key
 NOT_IN_KEY = ("workers",)
+ENCODINGS = ("jpeg", "raw")
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,11 @@ class PrepareParams:
     jpeg_quality: int = 95
     shard_size: int = 2048
     workers: int = 2  # decode threads: speed only, not in the cache key
+    encoding: str = "jpeg"  # jpeg | raw (tagged uint8 pixels: no decode when embedding)
 
     def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"prepare.encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if self.image_size < 8:
             raise ValueError(f"prepare.image_size must be >= 8, got {self.image_size}")
         if self.shard_size < 1:
@@ -76,12 +86,15 @@ class PrepareParams:
 
 
 def _prepare_one(path: Path, params: PrepareParams) -> bytes | str:
-    """JPEG bytes of the prepared image, or the error message for a corrupt file."""
+    """The prepared image's bytes (`params.encoding`), or the error message for a corrupt
+    file."""
     try:
         img = decode_image(path)
     except CorruptImageError as err:
         return str(err)
     img = center_crop_resize(img, params.image_size, crop=params.center_crop)
+    if params.encoding == "raw":
+        return encode_raw(img)
     return encode_jpeg(img, params.jpeg_quality)
 
 
@@ -189,6 +202,9 @@ def _compute_missing_shards(
     log.info("prepare: %s", {k: v for k, v in full_report.items() if not k.endswith("examples")})
 
 
+SHARD_ORDER_SEED = 0
+
+
 def prepare_training_images(
     metadata_csv: str | Path,
     images_dir: str | Path,
@@ -225,7 +241,14 @@ def prepare_training_images(
     if work.empty:
         raise DatasetFormatError(f"no image of {metadata_csv} was found below {images_dir}")
     work["path"] = [str(index[name]) for name in work["image_name"]]
-    key_parts = [file_sha256(metadata_csv), files_fingerprint(index.values(), Path(images_dir))]
+    # Rows go to shards in a fixed random order, not the CSV's (often species by species), so
+    # every shard, and every row group the streaming loader permutes, is a random sample.
+    work = work.sample(frac=1.0, random_state=SHARD_ORDER_SEED).reset_index(drop=True)
+    key_parts = [
+        file_sha256(metadata_csv),
+        files_fingerprint(index.values(), Path(images_dir)),
+        f"shard-order-{SHARD_ORDER_SEED}",
+    ]
     report = {
         "metadata_rows": len(metadata),
         "missing_images": len(missing),

@@ -1,0 +1,263 @@
+"""Embed test tiles: test quadrats -> one embedding per strategy box, cached like `embed`.
+
+PlantCLEF's predict pushes every box of every test quadrat through the backbone, which costs far
+more than the head it feeds (real test set: ~15k tiles of ViT-B at 518 px). The embeddings are a
+stage output keyed by the quadrat files (name, size, mtime), the strategy's boxes
+(`box_params`: grid size, not the aggregation's top-k), `tile_fit`, the backbone's identity and
+the feature reducer, so a rerun or a head-only change (lr, loss, head, top_l) does no backbone
+forward: the head reads the cached vectors (`predict_from_tiles`).
+
+Shards of QUADRATS_PER_SHARD quadrats are written atomically and recorded as they finish, so a
+killed run resumes with the shards it had. Tiles of consecutive quadrats fill batches of
+`batch_size` (the last batch of a shard may be short), and the next quadrats are decoded and cut
+in a background thread. A quadrat that cannot be read, or is too small for the boxes, is stored
+as one row with its reason (`tile` = -1), so a cache hit reports the same skips.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from vitlab.cache import content_key, files_fingerprint
+from vitlab.data.loading import prefetch
+from vitlab.data.shards import ShardedStage, arrow_to_embeddings, embeddings_to_arrow
+from vitlab.engines.local import LocalEngine
+from vitlab.models.backbones import Backbone, backbone_in_process, preprocess_batch
+from vitlab.stages.embed import FeatureReducer, embed_pixels, feature_dim
+from vitlab.stages.predict import (
+    PredictionResult,
+    Strategy,
+    check_tile_fit,
+    cut_tiles,
+    mean_colour,
+)
+
+log = logging.getLogger(__name__)
+QUADRATS_PER_SHARD = 64  # resume granularity: ~576 grid tiles, seconds to minutes of backbone
+SKIPPED_TILE = -1  # the `tile` of a quadrat's row that records why it has no tiles
+
+
+def box_params(strategy: Strategy) -> Any:
+    """What the strategy's boxes depend on; a strategy without `box_params` is keyed by all of
+    its fields (safe: only more cache misses)."""
+    describe = getattr(strategy, "box_params", None)
+    return describe() if callable(describe) else repr(strategy)
+
+
+def tiles_key(
+    images: Sequence[Path],
+    root: Path,
+    strategy: Strategy,
+    tile_fit: str,
+    backbone: Backbone,
+    features: FeatureReducer,
+) -> str:
+    return content_key(
+        "tiles-v1",
+        files_fingerprint(images, root),
+        box_params(strategy),
+        tile_fit,
+        backbone.identity(),
+        features.params(),
+    )
+
+
+@dataclass
+class TileEmbedTask:
+    """Embed the tiles of one shard's quadrats (rows: `image`, a path). Picklable like
+    `EmbedShardTask`: on Spark each worker builds the backbone once from its build arguments."""
+
+    root: str
+    backbone_args: dict[str, Any]
+    features: FeatureReducer
+    strategy: Strategy
+    tile_fit: str
+    batch_size: int
+    backbone: Backbone | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backbone": None}
+
+    def __call__(
+        self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        backbone = self.backbone or backbone_in_process(self.backbone_args)
+        size, fill = backbone.input_spec.size, mean_colour(backbone)
+        paths = [Path(p) for p in rows["image"]]
+        quadrats = prefetch(
+            (cut_tiles(p, self.strategy, size, self.tile_fit, fill) for p in paths), depth=4
+        )
+        names: list[str] = []
+        plots: list[str] = []
+        tile_numbers: list[int] = []
+        errors: list[str | None] = []
+        vectors: list[np.ndarray] = []
+        pending: list[np.ndarray] = []  # tiles not yet forwarded, in order
+        for path, quadrat in zip(paths, quadrats):
+            name = str(path.relative_to(self.root))
+            if quadrat.tiles is None:  # one row with the reason, no forward
+                names.append(name)
+                plots.append(quadrat.plot_id)
+                tile_numbers.append(SKIPPED_TILE)
+                errors.append(quadrat.error or "unreadable")
+            else:
+                count = len(quadrat.tiles)
+                names += [name] * count
+                plots += [quadrat.plot_id] * count
+                tile_numbers += range(count)
+                errors += [None] * count
+                pending.append(quadrat.tiles)
+                pending, done = _forward_full_batches(
+                    backbone, self.features, pending, self.batch_size
+                )
+                vectors += done
+            if progress:
+                progress(1)
+        leftover = sum(len(t) for t in pending)  # fewer than batch_size: one last batch
+        vectors += _forward_full_batches(backbone, self.features, pending, max(1, leftover))[1]
+        is_tile = np.asarray(tile_numbers, dtype=np.int64) != SKIPPED_TILE
+        dim = vectors[0].shape[1] if vectors else feature_dim(backbone, self.features)
+        embeddings = np.zeros((len(names), dim), np.float32)  # skipped quadrats' rows: zeros
+        if vectors:
+            embeddings[is_tile] = np.concatenate(vectors)
+        table = pa.table(
+            {
+                "image": pa.array(names, pa.string()),
+                "plot_id": pa.array(plots, pa.string()),
+                "tile": pa.array(tile_numbers, pa.int32()),
+                "error": pa.array(errors, pa.string()),
+                "embedding": embeddings_to_arrow(embeddings),
+            }
+        )
+        return table, {"quadrats": len(paths), "tiles": int(is_tile.sum())}
+
+
+def _forward_full_batches(
+    backbone: Backbone, features: FeatureReducer, pending: list[np.ndarray], batch_size: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Forward as many whole batches of `batch_size` tiles as `pending` holds; returns the
+    leftover tiles and the embeddings, in order."""
+    total = sum(len(t) for t in pending)
+    if total < batch_size:
+        return pending, []
+    tiles = np.concatenate(pending) if len(pending) > 1 else pending[0]
+    whole = total // batch_size * batch_size
+    out = []
+    for start in range(0, whole, batch_size):
+        pixels = preprocess_batch(tiles[start : start + batch_size], backbone.input_spec)
+        out.append(embed_pixels(backbone, features, pixels).float().numpy())
+    leftover = [tiles[whole:]] if whole < total else []
+    return leftover, out
+
+
+def embed_test_tiles(
+    images: Sequence[Path],
+    root: str | Path,
+    strategy: Strategy,
+    backbone: Backbone,
+    features: FeatureReducer,
+    cache_dir: str | Path,
+    tile_fit: str = "center_crop",
+    batch_size: int = 64,
+    engine: Any = None,
+) -> tuple[ShardedStage, int]:
+    """The cached tile embeddings of `images` (files under `root`), and how many quadrats this
+    call pushed through the backbone (0 on a cache hit)."""
+    check_tile_fit(tile_fit)
+    engine = engine or LocalEngine()
+    root = Path(root)
+    images = list(images)
+    key = tiles_key(images, root, strategy, tile_fit, backbone, features)
+    params = {
+        "quadrats": len(images),
+        "root": str(root),
+        "boxes": box_params(strategy),
+        "tile_fit": tile_fit,
+        "backbone": backbone.identity(),
+        "features": features.params(),
+    }
+    stage = ShardedStage(Path(cache_dir) / "tiles" / key, key, params)
+    stage.verify(checksum=True)
+    if stage.complete:
+        log.info("embed tiles: cache hit (key %s, %s): no backbone forward", key, stage.directory)
+        return stage, 0
+    stage.remove_stale_temporaries()
+    shard_of = np.arange(len(images)) // QUADRATS_PER_SHARD
+    todo = sorted(int(s) for s in set(shard_of.tolist()) if not stage.has_shard(int(s)))
+    work = pd.DataFrame({"shard": shard_of, "image": [str(p) for p in images]})
+    work = work[work["shard"].isin(todo)]
+    if len(work):
+        if engine.name != "local" and backbone.build_args is None:
+            raise ValueError("engine=spark needs a backbone made by create_backbone")
+        task = TileEmbedTask(
+            str(root),
+            backbone.build_args or {},
+            features,
+            strategy,
+            tile_fit,
+            batch_size,
+            backbone=backbone,
+        )
+        engine.map_shards(stage, work, task, f"embed tiles ({strategy.name})", len(work))
+    stage.finish({"quadrats": len(images), "engine": engine.name})
+    return stage, len(work)
+
+
+def predict_from_tiles(
+    stage: ShardedStage,
+    strategy: Strategy,
+    head: torch.nn.Module,
+    species_ids: Sequence[int],
+    tile_fit: str = "center_crop",
+    batch_size: int = 4096,
+) -> PredictionResult:
+    """Plot id -> species ids from cached tile embeddings: head -> softmax -> the strategy's
+    aggregate per quadrat, in the order the quadrats were embedded. A skipped quadrat gets an
+    empty prediction and its reason in `skipped`, as in `predict_quadrats`."""
+    predictions: dict[str, list[int]] = {}
+    skipped: list[str] = []
+    tile_count = 0
+    head.eval()
+    for table in stage.iter_tables():
+        vectors = arrow_to_embeddings(table.column("embedding"))
+        probs = _head_probabilities(head, vectors, batch_size)
+        for plot_id, start, end, error in quadrat_spans(table):
+            if error is not None:
+                log.warning("predict: skipped %s", error)
+                skipped.append(error)
+                predictions[plot_id] = []
+            else:
+                predictions[plot_id] = strategy.aggregate(probs[start:end], species_ids)
+                tile_count += end - start
+    return PredictionResult(predictions, tile_count, skipped, tile_fit)
+
+
+@torch.inference_mode()
+def _head_probabilities(head: torch.nn.Module, vectors: np.ndarray, batch_size: int) -> np.ndarray:
+    tensor = torch.from_numpy(np.array(vectors))  # Arrow memory is read-only
+    return torch.cat(
+        [
+            torch.softmax(head(tensor[i : i + batch_size].float()), dim=-1)
+            for i in range(0, len(tensor), batch_size)
+        ]
+    ).numpy()
+
+
+def quadrat_spans(table: pa.Table) -> Iterator[tuple[str, int, int, str | None]]:
+    """(plot id, first row, end row, skip reason or None) of each quadrat of a tiles shard:
+    a quadrat's rows are consecutive."""
+    images = table.column("image").to_numpy(zero_copy_only=False)
+    plots = table.column("plot_id").to_pylist()
+    errors = table.column("error").to_pylist()
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]]).tolist() if len(images) else []
+    for start, end in zip(starts, [*starts[1:], len(images)]):
+        yield plots[start], start, end, errors[start]
