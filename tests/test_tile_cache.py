@@ -219,3 +219,18 @@ def test_the_backbone_is_built_once_per_process_until_its_files_change(tmp_path)
     again = build_backbone(node)
     os.utime(weights, ns=(5, 5))  # new weights in the same file
     assert build_backbone(node) is not again
+
+
+def test_the_cache_cli_lists_and_removes_tile_stages(tmp_path, capsys):
+    from vitlab.cli import main as vitlab_cli
+
+    images = _quadrats(tmp_path / "test")
+    stage, _ = embed_test_tiles(
+        images, tmp_path / "test", GridArgmax(2), _backbone(), ClsToken(), tmp_path / "cache"
+    )
+    assert vitlab_cli(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    listing = capsys.readouterr().out
+    assert "tiles" in listing and stage.key in listing and "7 quadrats" in listing
+    assert vitlab_cli(["cache", "rm", "--cache-dir", str(tmp_path / "cache"), "--stage", "tiles",
+                       "--all"]) == 0  # fmt: skip
+    assert not stage.directory.exists()

@@ -69,7 +69,10 @@ def _describe(params: dict) -> str:
     backbone = params.get("backbone", {})
     if backbone:
         name = backbone.get("name") or backbone.get("model_id")
-        return f"{name} / {params.get('features', {}).get('name', '?')} <- {params.get('prepared')}"
+        source = params.get("prepared")
+        if source is None and "quadrats" in params:  # test tiles
+            source = f"{params['quadrats']} quadrats in {params.get('root')}, {params.get('boxes')}"
+        return f"{name} / {params.get('features', {}).get('name', '?')} <- {source}"
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
@@ -89,7 +92,7 @@ def _main(argv: list[str] | None = None) -> int:
     for action in ("ls", "verify", "rm"):
         p = cache_sub.add_parser(action)
         p.add_argument("--cache-dir", type=Path, default=None)
-        p.add_argument("--stage", choices=["prepare", "embed"], default=None)
+        p.add_argument("--stage", choices=["prepare", "embed", "tiles"], default=None)
         if action in ("rm", "verify"):
             p.add_argument("keys", nargs="*", help="cache keys (or unique prefixes)")
         if action == "rm":
