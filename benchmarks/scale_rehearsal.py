@@ -189,8 +189,6 @@ def main() -> None:
             sys.exit(f"generate failed: see {work / 'generate.log'}")
     results["load"]["after_generate"] = load_line()
 
-    import pandas as pd
-
     from vitlab.data.plantclef import index_images
 
     n_images = len(index_images(data / "images_max_side_800"))
