@@ -49,6 +49,15 @@ def _rss_mib(field: str = "VmHWM") -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: less sensitive than wall time to
+    the other processes on a shared machine (they take cores, not this process's CPU time)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _reset_peak() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -80,6 +89,7 @@ def child_train(args: list[str]) -> None:
     record: dict[str, Any] = {
         "stage_peak_rss_mib": {},
         "stage_start_rss_mib": {},
+        "stage_cpu_seconds": {},
         "validation_seconds": [],
     }
 
@@ -92,11 +102,13 @@ def child_train(args: list[str]) -> None:
     def stage(self, name):
         _reset_peak()
         record["stage_start_rss_mib"][name] = round(_rss_mib("VmRSS"), 1)
+        cpu = _cpu_seconds()
         try:
             with original_stage(self, name):
                 yield
         finally:
             record["stage_peak_rss_mib"][name] = round(_rss_mib(), 1)
+            record["stage_cpu_seconds"][name] = round(_cpu_seconds() - cpu, 3)
             save()
 
     StageTimer.stage = stage
@@ -117,8 +129,9 @@ def child_train(args: list[str]) -> None:
         save()
 
 
-def run_child(mode: str, args: list[str], log_path: Path) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, exit code) of `python this_script --_child mode args`."""
+def run_child(mode: str, args: list[str], log_path: Path) -> tuple[float, float, int, float]:
+    """(wall seconds, peak RSS MiB, exit code, CPU seconds) of `python this_script --_child
+    mode args`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     env.setdefault("WANDB_MODE", "disabled")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", mode, *args]
@@ -128,7 +141,7 @@ def run_child(mode: str, args: list[str], log_path: Path) -> tuple[float, float,
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return seconds, usage.ru_maxrss / 1024, proc.returncode
+    return seconds, usage.ru_maxrss / 1024, proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 # ----------------------------------------------------------------------------- the rehearsal
@@ -182,7 +195,7 @@ def main() -> None:
     stored_spec = json.loads(marker.read_text()) if marker.is_file() else None
     if args.reuse_data and stored_spec and stored_spec.get("n_species") == spec["n_species"]:
         print("generate: reusing", data, flush=True)
-        gen = (float("nan"), float("nan"), 0)
+        gen = (float("nan"), float("nan"), 0, float("nan"))
     else:
         gen = run_child("generate", [str(data), json.dumps(spec)], work / "generate.log")
         if gen[2]:
@@ -231,6 +244,7 @@ def main() -> None:
     epochs_run = max(1, len(val_seconds) - 1)  # the first loop is Lightning's sanity check
     stage_seconds = {"generate": gen[0], **summary["stage_seconds"]}
     peaks = {"generate": gen[1], **record["stage_peak_rss_mib"]}
+    cpu = {"generate": gen[3], **record["stage_cpu_seconds"]}
     n_plots = spec["n_quadrats"]
     items = {
         "generate": (n_images + n_plots, "images + plots"),
@@ -252,6 +266,8 @@ def main() -> None:
                 "what": what,
                 "seconds": seconds,
                 "items_per_s": rate,
+                "cpu_seconds": cpu.get(name),
+                "cpu_ms_per_item": 1000 * cpu[name] / count if cpu.get(name) and count else None,
                 "peak_rss_mib": peaks.get(name),
             }
         )
@@ -342,12 +358,13 @@ def print_report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"images, {results['csv_rows']} CSV rows, {spec['n_quadrats']} plots"
     )
     print()
-    print("| stage | items | seconds | items/s | peak RSS MiB |")
-    print("|---|---|---|---|---|")
+    print("| stage | items | seconds | items/s | CPU s | CPU ms/item | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
     for row in results["stages"]:
         print(
             f"| {row['stage']} | {row['items']} {row['what']} | {fmt(row['seconds'], '.1f')} | "
-            f"{fmt(row['items_per_s'], '.1f')} | {fmt(row['peak_rss_mib'], '.0f')} |"
+            f"{fmt(row['items_per_s'], '.1f')} | {fmt(row['cpu_seconds'], '.1f')} | "
+            f"{fmt(row['cpu_ms_per_item'], '.3f')} | {fmt(row['peak_rss_mib'], '.0f')} |"
         )
     val = results["validation_seconds_per_epoch"]
     art = results["artifacts"]

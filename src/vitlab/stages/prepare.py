@@ -186,7 +186,15 @@ def _compute_missing_shards(
         "engine": getattr(engine, "name", "local"),
     }
     stage.finish(full_report)
-    log.info("prepare: %s", {k: v for k, v in full_report.items() if not k.endswith("examples")})
+    log.info("prepare: %s", _without_examples(full_report))
+
+
+def _without_examples(report: Any) -> Any:
+    """The report for a log line: counts, no name lists (a split's missing_examples hold up
+    to REPORT_LIST_LIMIT names; summary.json keeps them)."""
+    if not isinstance(report, dict):
+        return report
+    return {k: _without_examples(v) for k, v in report.items() if not k.endswith("examples")}
 
 
 def prepare_training_images(
