@@ -180,8 +180,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="trainer.max_epochs")
     parser.add_argument("--work", type=Path, default=None, help="default /tmp/vitlab-scale-<s>")
     parser.add_argument("--reuse-data", action="store_true", help="keep a generated dataset")
+    parser.add_argument("--print", type=Path, default=None, help="reprint a rehearsal.json")
     parser.add_argument("extra", nargs="*", help="more train.py overrides (key=value)")
     args = parser.parse_args()
+    if args.print:
+        print_report(json.loads(args.print.read_text()), args)
+        return
 
     work = args.work or Path(f"/tmp/vitlab-scale-{args.scale:g}")
     work.mkdir(parents=True, exist_ok=True)
@@ -363,9 +367,15 @@ def print_report(results: dict[str, Any], args: argparse.Namespace) -> None:
     for row in results["stages"]:
         print(
             f"| {row['stage']} | {row['items']} {row['what']} | {fmt(row['seconds'], '.1f')} | "
-            f"{fmt(row['items_per_s'], '.1f')} | {fmt(row['cpu_seconds'], '.1f')} | "
-            f"{fmt(row['cpu_ms_per_item'], '.3f')} | {fmt(row['peak_rss_mib'], '.0f')} |"
+            f"{fmt(row['items_per_s'], '.1f')} | {fmt(row.get('cpu_seconds'), '.1f')} | "
+            f"{fmt(row.get('cpu_ms_per_item'), '.3f')} | {fmt(row['peak_rss_mib'], '.0f')} |"
         )
+    in_stages = sum(r["seconds"] for r in results["stages"] if r["stage"] != "generate")
+    other = results["train_wall_seconds"] - in_stages
+    print(
+        f"| train.py outside the stages (start-up, dataset checks, writes) | - | {other:.1f} | "
+        f"- | - | - | {results['train_peak_rss_mib']:.0f} (whole run) |"
+    )
     val = results["validation_seconds_per_epoch"]
     art = results["artifacts"]
     print()
