@@ -212,7 +212,9 @@ def prepare_training_images(
     `learn_tag` split may miss at most `max_missing_fraction` of its images on disk (a split
     with none there, or more missing, is an error); the missing ones are counted per split in
     the stage report."""
-    metadata = read_training_metadata(metadata_csv)
+    # image_name, species_id and learn_tag only: the 17 other columns of the official CSV (URLs,
+    # authors, ...) would hold ~0.8 KiB per row in memory, ~1 GiB at its 1.4 M rows
+    metadata = read_training_metadata(metadata_csv, required_only=True)
     require_image_folder(images_dir, images_key)
     index = index_images(images_dir)
     in_folder = metadata["image_name"].isin(index.keys())
