@@ -197,7 +197,8 @@ def main() -> None:
 
     marker = data / ".complete"
     stored_spec = json.loads(marker.read_text()) if marker.is_file() else None
-    if args.reuse_data and stored_spec and stored_spec.get("n_species") == spec["n_species"]:
+    wanted = json.loads(json.dumps(spec))  # tuples as lists, as the marker records them
+    if args.reuse_data and stored_spec and {k: stored_spec.get(k) for k in wanted} == wanted:
         print("generate: reusing", data, flush=True)
         gen = (float("nan"), float("nan"), 0, float("nan"))
     else:
@@ -239,7 +240,10 @@ def main() -> None:
         sys.exit(f"train.py failed (exit {train[2]}): see {work / 'train.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     record = json.loads(record_path.read_text())
-    results["train_wall_seconds"], results["train_peak_rss_mib"] = train[0], train[1]
+    # the child's ru_maxrss is its VmHWM, which each stage resets: the run's peak is the largest
+    # of the stage peaks and what wait4 saw (the peak since the last reset)
+    results["train_wall_seconds"] = train[0]
+    results["train_peak_rss_mib"] = max([train[1], *record["stage_peak_rss_mib"].values()])
 
     # items per stage
     fit_data = summary.get("fit_data", {})
