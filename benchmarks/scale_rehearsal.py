@@ -162,6 +162,18 @@ def spec_for(scale: float, images_per_species: int, metadata_rows: str) -> dict[
     return spec
 
 
+WORK_MARKER = ".vitlab-scale-rehearsal"
+
+
+def claim_work_dir(work: Path) -> None:
+    """The rehearsal deletes its cache and run folders before each run: only in a folder it
+    made (marked), a new one or an empty one; a user's folder is refused."""
+    if work.is_dir() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
+        sys.exit(f"--work {work}: not empty and not a scale rehearsal's folder; choose another")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).touch()
+
+
 def load_line() -> str:
     one, five, _ = os.getloadavg()
     return f"{one:.2f} (5 min {five:.2f}) on {os.cpu_count()} cores"
@@ -188,7 +200,7 @@ def main() -> None:
         return
 
     work = args.work or Path(f"/tmp/vitlab-scale-{args.scale:g}")
-    work.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(work)
     data, run_dir, cache = work / "data", work / "run", work / "cache"
     spec = spec_for(args.scale, args.images_per_species, args.metadata_rows)
     print(f"scale {args.scale:g}: {json.dumps(spec)}", flush=True)
@@ -249,7 +261,8 @@ def main() -> None:
     fit_data = summary.get("fit_data", {})
     n_train, n_val = fit_data.get("images_train", 0), fit_data.get("images_val", 0)
     val_seconds = record["validation_seconds"]
-    epochs_run = max(1, len(val_seconds) - 1)  # the first loop is Lightning's sanity check
+    # the first validation loop is Lightning's sanity check (trainer.num_sanity_val_steps)
+    epochs_run = max(1, len(val_seconds) - 1)
     stage_seconds = {"generate": gen[0], **summary["stage_seconds"]}
     peaks = {"generate": gen[1], **record["stage_peak_rss_mib"]}
     cpu = {"generate": gen[3], **record["stage_cpu_seconds"]}
