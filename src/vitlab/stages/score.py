@@ -40,5 +40,7 @@ def plot_per_species_f1(
     histogram and the best and worst `k` species (named when `names` maps id -> name)."""
     overall = plantclef_scores(truth, predictions)["macro_f1_per_species"]
     scores = per_species_f1_support(truth, predictions)
-    title = f"per-species F1 over {len(scores)} species (macro {overall:.3f})"
+    # 3 significant digits: at thousands of species a weak model's macro F1 is < 0.001, and
+    # "0.000" would read as no species ever right
+    title = f"per-species F1 over {len(scores)} species (macro {overall:.3g})"
     return f1_distribution_png(scores, path, names, k=k, what="species", title=title)

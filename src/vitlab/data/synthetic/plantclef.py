@@ -5,6 +5,9 @@ them; quadrats are a jittered 3x3 arrangement of plants from 3-5 species on soil
 classification recovers the plot's species set while the whole-image view blurs them together.
 Layout written (names are the dataset config's defaults):
     PlantCLEF2024_single_plant_training_metadata.csv    `;`-separated, official columns
+                                                         (+ `metadata_rows`: rows listing images
+                                                         not written, for a CSV of the official
+                                                         size; train.py skips them as missing)
     images_max_side_800/<learn_tag>/<species_id>/<image_name>.jpg
     PlantCLEF2024test/<plot_id>.jpg                      multi-species quadrats
     test_ground_truth.csv                                submission format
@@ -46,6 +49,13 @@ class PlantClefSyntheticSpec:
     species_per_quadrat: tuple[int, int] = (3, 5)
     train_fraction: float = 0.8
     val_fraction: float = 0.1
+    # training image width and height, each drawn from [low, high) px (small: fast to write)
+    image_side: tuple[int, int] = (220, 420)
+    # rows of the metadata CSV: None = one per written image; more = pad it to this many rows
+    # with rows (long-tailed over the species, same columns and learn_tag split) whose images are
+    # not written, so the CSV has the official size (1,408,033 rows) without 1.4 M JPEGs. The
+    # pipeline skips listed-but-absent images only up to dataset.max_missing_fraction: raise it.
+    metadata_rows: int | None = None
 
 
 def _species_colour(index: int, n: int, rng: np.random.Generator) -> tuple[int, int, int]:
@@ -108,8 +118,13 @@ def draw_plant(
             draw.rectangle((x - half, y - half, x + half, y + half), fill=colour, outline=dark)
 
 
-def single_plant_image(species_index: int, n_species: int, rng: np.random.Generator) -> Image.Image:
-    width, height = int(rng.integers(220, 420)), int(rng.integers(220, 420))
+def single_plant_image(
+    species_index: int,
+    n_species: int,
+    rng: np.random.Generator,
+    sides: tuple[int, int] = PlantClefSyntheticSpec.image_side,
+) -> Image.Image:
+    width, height = int(rng.integers(*sides)), int(rng.integers(*sides))
     img = soil_background(width, height, rng)
     side = min(width, height) * rng.uniform(0.75, 0.95)
     cx = width / 2 + rng.uniform(-0.05, 0.05) * width
@@ -157,6 +172,8 @@ def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None 
     spec = spec or PlantClefSyntheticSpec()
     if spec.n_species - spec.n_rare_species < spec.species_per_quadrat[1]:
         raise ValueError("n_species - n_rare_species must be >= the species per quadrat")
+    if not 8 <= spec.image_side[0] < spec.image_side[1]:
+        raise ValueError(f"image_side must be [low, high) with 8 <= low < high: {spec.image_side}")
     out = claim_output_dir(out_dir)
     rng = np.random.default_rng(spec.seed)
     species_ids = sorted(
@@ -174,9 +191,13 @@ def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None 
             name = rng.bytes(20).hex() + ".jpg"
             folder = out / TRAIN_IMAGES_DIR / str(tag) / str(species_id)
             folder.mkdir(parents=True, exist_ok=True)
-            single_plant_image(index, spec.n_species, rng).save(folder / name, quality=92)
+            image = single_plant_image(index, spec.n_species, rng, spec.image_side)
+            image.save(folder / name, quality=92)
             rows.append(_metadata_row(name, species_id, index, str(tag), rng))
     frame = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+    if spec.metadata_rows is not None and spec.metadata_rows > len(frame):
+        absent = _absent_rows(spec.metadata_rows - len(frame), species_ids, spec)
+        frame = pd.concat([frame, absent], ignore_index=True)
     frame.to_csv(out / METADATA_FILE, sep=";", index=False)
 
     test_dir = out / TEST_IMAGES_DIR
@@ -221,3 +242,47 @@ def _metadata_row(
         "learn_tag": tag,
         "image_backup_url": "",
     }
+
+
+def _absent_rows(n: int, species_ids: list[int], spec: PlantClefSyntheticSpec) -> pd.DataFrame:
+    """`n` metadata rows of images that are not written (`metadata_rows`), built column-wise:
+    species long-tailed (Zipf-like weights over a shuffled species order), learn tags split as
+    the written images', unique image names (a separate random stream: the written part of the
+    dataset is the same with or without them)."""
+    rng = np.random.default_rng([spec.seed, 1])
+    n_species = len(species_ids)
+    weights = 1.0 / (1.0 + rng.permutation(n_species)) ** 0.8
+    index = rng.choice(n_species, size=n, p=weights / weights.sum())
+    ids = np.asarray(species_ids, dtype=np.int64)[index]
+    hexes = rng.bytes(20 * n).hex()
+    names = [hexes[40 * i : 40 * i + 40] + ".jpg" for i in range(n)]
+    p_test = max(0.0, 1 - spec.train_fraction - spec.val_fraction)
+    tags = rng.choice(
+        np.array(["train", "val", "test"]),
+        size=n,
+        p=[spec.train_fraction, spec.val_fraction, p_test],
+    )
+    genus = np.char.add("Synthetica", (index // 3).astype(str))
+    columns = {
+        "image_name": names,
+        "organ": np.asarray(ORGANS)[rng.integers(0, len(ORGANS), n)],
+        "species_id": ids,
+        "obs_id": rng.integers(1_000_000_000, 2_000_000_000, n),
+        "license": "cc-by-sa",
+        "partner": "",
+        "author": "vitlab synthetic",
+        "altitude": np.round(rng.uniform(0, 2000, n), 1),
+        "latitude": np.round(rng.uniform(36, 60, n), 5),
+        "longitude": np.round(rng.uniform(-10, 30, n), 5),
+        "gbif_species_id": ids + 5_000_000,
+        "species": np.char.add(np.char.add(genus, " species"), index.astype(str)),
+        "genus": genus,
+        "family": np.char.add("Syntheticaceae", (index // 6).astype(str)),
+        "dataset": "plantnet",
+        "publisher": "plantnet",
+        "references": "",
+        "url": "",
+        "learn_tag": tags,
+        "image_backup_url": "",
+    }
+    return pd.DataFrame(columns, columns=list(METADATA_COLUMNS))
