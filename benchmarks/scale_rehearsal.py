@@ -41,7 +41,8 @@ REAL_SPECIES = 7_806
 REAL_PLOTS = 1_695
 REAL_METADATA_ROWS = 1_408_033  # PlantCLEF2024_single_plant_training_metadata.csv
 TILES_PER_PLOT = 9  # grid 3x3 (the quickstart's inference=grid_argmax)
-STAGES = ("generate", "prepare", "embed", "fit", "predict", "score")
+# embed_tiles: the test tiles through the backbone (cached); predict: the head over them
+STAGES = ("generate", "prepare", "embed", "fit", "embed_tiles", "predict", "score")
 
 
 def _rss_mib(field: str = "VmHWM") -> float:
@@ -272,6 +273,7 @@ def main() -> None:
         "prepare": (n_images, "images"),
         "embed": (n_images, "images"),
         "fit": (n_train * epochs_run, f"image-epochs ({n_train} x {epochs_run})"),
+        "embed_tiles": (n_plots * TILES_PER_PLOT, f"tiles ({n_plots} plots)"),
         "predict": (n_plots * TILES_PER_PLOT, f"tiles ({n_plots} plots)"),
         "score": (n_plots, "plots"),
     }

@@ -134,7 +134,7 @@ def test_sigkill_during_embed_then_rerun_finishes_only_the_rest(
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(tiny_plantclef), str(cache)],
         cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "src")])},
     )
     deadline = time.time() + 120
     manifest = None

@@ -38,6 +38,7 @@ from vitlab.data.plantclef import index_images, read_training_metadata
 from vitlab.data.shards import ShardedStage
 from vitlab.engines.local import LocalEngine
 from vitlab.errors import ConfigError, DatasetFormatError
+from vitlab.runtime import decode_pool_size
 
 log = logging.getLogger(__name__)
 PREPARED_SCHEMA = pa.schema(
@@ -108,9 +109,8 @@ class PrepareShardTask:
         self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
     ) -> tuple[pa.Table, dict[str, Any]]:
         records = list(rows.itertuples(index=False))
-        results = map_threads(
-            lambda r: _prepare_one(Path(r.path), self.params), records, self.params.workers
-        )
+        workers = decode_pool_size(self.params.workers)  # runtime.threads caps it
+        results = map_threads(lambda r: _prepare_one(Path(r.path), self.params), records, workers)
         kept = [(r, b) for r, b in zip(records, results) if isinstance(b, bytes)]
         corrupt = [r.image_name for r, b in zip(records, results) if isinstance(b, str)]
         for message in (b for b in results if isinstance(b, str)):
