@@ -249,6 +249,29 @@ def test_group_residual_scales_the_group_token_in_each_segment():
     assert GroupViTSpec().group_residual == 1.0
 
 
+def test_assign_init_std_sharpens_the_initial_assignment_and_defaults_to_the_reference():
+    """assign_init_std (0.02 = the reference's init of every Linear) only re-draws the assignment
+    query/key maps: a larger std gives a peaked soft assignment from the start; the default
+    draws exactly the same weights as before the option existed."""
+    single = dict(depths=(0, 0), num_group_tokens=(8, 0), num_output_groups=(8,))
+    pixels = torch.randn(2, 3, 64, 64)
+    peaks = {}
+    for std in (0.02, 0.2):
+        torch.manual_seed(0)
+        model = GroupViT(tiny_spec(assign_init_std=std, **single)).eval()
+        with torch.no_grad():
+            peaks[std] = model.encode_image(pixels).soft_maps[0].max(dim=1).values.mean()
+        assert model.img_encoder.layers[
+            0
+        ].downsample.assign.q_proj.weight.std().item() == pytest.approx(std, rel=0.15)
+    assert peaks[0.02] < 0.2 < peaks[0.2]
+    torch.manual_seed(0)
+    before = GroupViT(tiny_spec(**single)).state_dict()
+    torch.manual_seed(0)
+    same = GroupViT(tiny_spec(assign_init_std=0.02, **single)).state_dict()
+    assert all(torch.equal(before[k], same[k]) for k in before)
+
+
 def test_logit_scale_is_clamped_at_100_unless_disabled():
     model = GroupViT(tiny_spec())
     with torch.no_grad():

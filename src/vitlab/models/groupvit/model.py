@@ -45,6 +45,10 @@ class GroupViTSpec:
     # 1.0 the reference; < 1 shrinks the per-group constant every segment carries (0: a segment
     # is only what its tokens bring)
     group_residual: float = 1.0
+    # init std of the assignment's query/key maps (the reference: 0.02 like every Linear); a
+    # from-scratch model with 0.02 starts at a bilinear saddle: near-zero assignment logits whose
+    # gradients are products of two tiny maps, so the soft assignment stays uniform
+    assign_init_std: float = 0.02
     drop_path_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     vocab_size: int = 49408
@@ -578,6 +582,11 @@ class GroupViT(nn.Module):
             elif isinstance(module, nn.MultiheadAttention):
                 nn.init.normal_(module.in_proj_weight, std=module.embed_dim**-0.5)
                 nn.init.zeros_(module.in_proj_bias)
+        if self.spec.assign_init_std != 0.02:  # (the default draws nothing more: same init)
+            for module in self.modules():
+                if isinstance(module, AssignAttention):
+                    for linear in (module.q_proj, module.k_proj):
+                        nn.init.trunc_normal_(linear.weight, std=self.spec.assign_init_std)
         nn.init.trunc_normal_(self.img_encoder.pos_embed, std=0.02)
         first_stage_tokens = self.img_encoder.layers[0].group_token
         if first_stage_tokens is not None:
