@@ -12,6 +12,8 @@ start-up is paid once. Rows:
 - + multi-label, plain (`groupvit.losses.non_noisy=false`)
 - + multi-label, non-noisy (the quickstart default)
 - + GE (`groupvit.losses.entropy.group=W`, W as in `groupvit_entropy_group`: 1.0)
+- the last two with `groupvit.model.spec.assign_init_std=0.2` (assignment q/k init away from
+  the near-zero saddle where the soft assignment stays uniform)
 - fine-tune only the grouping block (`groupvit.trainable=[grouping_block_1]`) vs everything,
   from the seed's non-noisy (quickstart) checkpoint, `--finetune-epochs` more epochs
 
@@ -34,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OBJECTS = ("cat", "car", "bird", "boat", "sheep")
 GE_WEIGHT = 1.0  # configs/experiment/groupvit_entropy_group.yaml
+ASSIGN_INIT_STD = 0.2
 
 ROWS: list[tuple[str, str, list[str]]] = [
     # (key, label, overrides)
@@ -44,6 +47,22 @@ ROWS: list[tuple[str, str, list[str]]] = [
         "ge",
         f"+ multi-label, non-noisy + GE {GE_WEIGHT}",
         [f"groupvit.losses.entropy.group={GE_WEIGHT}"],
+    ),
+    # the same two with the assignment's q/k initialised away from the near-zero saddle
+    # (groupvit.model.spec.assign_init_std; the reference's 0.02 leaves the soft assignment
+    # uniform, so GE has nothing to act on)
+    (
+        "init",
+        f"+ multi-label, non-noisy, assign_init_std {ASSIGN_INIT_STD}",
+        [f"+groupvit.model.spec.assign_init_std={ASSIGN_INIT_STD}"],
+    ),
+    (
+        "ge_init",
+        f"+ multi-label, non-noisy + GE {GE_WEIGHT}, assign_init_std {ASSIGN_INIT_STD}",
+        [
+            f"groupvit.losses.entropy.group={GE_WEIGHT}",
+            f"+groupvit.model.spec.assign_init_std={ASSIGN_INIT_STD}",
+        ],
     ),
 ]
 FINETUNE_ROWS: list[tuple[str, str, list[str]]] = [
