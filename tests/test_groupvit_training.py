@@ -223,7 +223,14 @@ def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path, caplog):
     for key in ("val/loss", "train/contrastive", "train/multi_label", "train/group_entropy"):
         assert math.isfinite(summary["fit_metrics"][key])
     model = load_groupvit(run / "groupvit.pt")
-    assert model.spec == tiny_spec()
+    assert model.spec == tiny_spec(  # groupvit/model=tiny_one_stage
+        depths=(0, 0),
+        num_group_tokens=(8, 0),
+        num_output_groups=(8,),
+        gumbel=False,
+        projection_layers=1,
+        group_residual=0.0,
+    )
     untrained = load_groupvit(run / "groupvit_untrained.pt")
     assert untrained.spec == model.spec
     assert summary["groupvit_untrained_checkpoint"] == str(run / "groupvit_untrained.pt")
