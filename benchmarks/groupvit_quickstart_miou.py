@@ -10,7 +10,7 @@ evaluates `infer.py experiment=segment_synthetic_voc` on the synthetic VOC-layou
 
     PYTHONPATH=src python benchmarks/groupvit_quickstart_miou.py \
         [--variant 'ge=groupvit.losses.entropy.group=0.5;trainer.max_epochs=40'] [--skip-default]
-        [--budgets 5 10 20] [--seeds 0 1 2] [--analyses]
+        [--budgets 5 10 20] [--seeds 0 1 2] [--analyses] [--threads 1]
     # the table of finished runs (what `make quickstart-groupvit` prints):
     PYTHONPATH=src python benchmarks/groupvit_quickstart_miou.py \
         --table outputs/quickstart_groupvit_segmentation outputs/quickstart_groupvit_untrained
@@ -31,11 +31,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import run_entry, train_summary  # noqa: E402
 
+# runtime overrides every train.py / infer.py run gets (--threads: runtime.threads=N)
+RUNTIME: list[str] = []
+
 
 def segmentation(root: Path, name: str, checkpoint: Path) -> dict:
     run_entry(
         "infer.py",
         root,
+        *RUNTIME,
         "experiment=segment_synthetic_voc",
         f"ckpt_path={checkpoint}",
         f"hydra.run.dir={root}/{name}",
@@ -167,7 +171,12 @@ def train_and_segment(root: Path, name: str, seed: int, overrides: list[str]) ->
     load_before = load_text()
     start = time.perf_counter()
     summary = train_summary(
-        root, f"train_{name}", "experiment=quickstart_groupvit", f"seed={seed}", *overrides
+        root,
+        f"train_{name}",
+        *RUNTIME,
+        "experiment=quickstart_groupvit",
+        f"seed={seed}",
+        *overrides,
     )
     minutes = (time.perf_counter() - start) / 60
     trained = segmentation(root, f"seg_{name}", Path(summary["groupvit_checkpoint"]))
@@ -209,6 +218,9 @@ def main() -> None:
     )
     parser.add_argument("--analyses", action="store_true", help="kNN / alignment / image top-1")
     parser.add_argument(
+        "--threads", type=int, help="runtime.threads of every run (default: the config's)"
+    )
+    parser.add_argument(
         "--table",
         nargs=2,
         metavar=("TRAINED_SEG_DIR", "UNTRAINED_SEG_DIR"),
@@ -224,6 +236,8 @@ def main() -> None:
         missed = acceptance(rows)
         print("targets met" if not missed else "targets missed: " + "; ".join(missed))
         return
+    if args.threads:
+        RUNTIME.append(f"runtime.threads={args.threads}")
     variants = [] if args.skip_default else [("quickstart", [])]
     for spec in args.variant:
         name, _, overrides = spec.partition("=")

@@ -198,6 +198,80 @@ def test_without_gumbel_training_assigns_like_eval_and_single_stage_works():
     assert GroupViTSpec.from_dict(spec.to_dict()) == spec and not spec.gumbel
 
 
+def test_linear_projector_pools_to_the_mean_of_projected_segments(tmp_path):
+    """projection_layers=1 (the reference's proj_num_layers=1): one Linear, so the pooled image
+    embedding is exactly the mean of the projected segments; it survives a save/load round trip
+    and the NVlabs state-dict layout (`linear_out` only) reads back as a 1-layer spec, while the
+    transformers port (2-layer projectors only) refuses it."""
+    spec = tiny_spec(projection_layers=1)
+    model = GroupViT(spec).eval()
+    assert model.img_projector.fc1 is None and model.text_projector.bn is None
+    with torch.no_grad():
+        encoding = model.encode_image(torch.randn(2, 3, 64, 64))
+        pooled, segments = model.project_image(encoding), model.project_segments(encoding)
+    torch.testing.assert_close(pooled, segments.mean(dim=1))
+    nvlabs = to_nvlabs_state_dict(model)
+    assert "img_projector.linear_out.weight" in nvlabs
+    assert not any("linear_hidden" in k for k in nvlabs)
+    torch.save({"model": nvlabs}, tmp_path / "one_layer.pth")
+    loaded = load_groupvit(
+        tmp_path / "one_layer.pth", spec_overrides={"num_heads": 2, "text_heads": 2}
+    )
+    assert loaded.spec.projection_layers == 1
+    pixels, tokens = torch.randn(2, 3, 64, 64), _tokens(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(pixels, tokens), model(pixels, tokens))
+    assert GroupViTSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(CheckpointError, match="projection_layers"):
+        hf_config_from_spec(spec)
+    with pytest.raises(ValueError, match="projection_layers"):
+        tiny_spec(projection_layers=3)
+
+
+def test_group_residual_scales_the_group_token_in_each_segment():
+    """group_residual=1 is the reference (`new_x += projected_group_tokens`); 0 leaves a segment
+    only what its tokens bring, so every EMPTY group gets the same segment token."""
+    single = dict(depths=(0, 0), num_group_tokens=(8, 0), num_output_groups=(8,), gumbel=False)
+    reference = GroupViT(tiny_spec(**single)).eval()
+    torch.manual_seed(0)
+    without = GroupViT(tiny_spec(group_residual=0.0, **single)).eval()
+    without.load_state_dict(reference.state_dict())
+    pixels = torch.full((1, 3, 64, 64), 0.5)  # one flat colour: one group takes every patch
+    with torch.no_grad():
+        ref, new = reference.encode_image(pixels), without.encode_image(pixels)
+    torch.testing.assert_close(ref.hard_maps[0], new.hard_maps[0])  # same assignment
+    empty = new.hard_maps[0][0].sum(dim=-1) == 0
+    assert empty.sum() >= 6
+    tokens = new.segment_tokens[0][empty]
+    torch.testing.assert_close(tokens, tokens[:1].expand_as(tokens))
+    ref_tokens = ref.segment_tokens[0][empty]
+    assert (ref_tokens - ref_tokens[:1]).abs().max() > 1e-3
+    assert GroupViTSpec().group_residual == 1.0
+
+
+def test_assign_init_std_sharpens_the_initial_assignment_and_defaults_to_the_reference():
+    """assign_init_std (0.02 = the reference's init of every Linear) only re-draws the assignment
+    query/key maps: a larger std gives a peaked soft assignment from the start; the default
+    draws exactly the same weights as before the option existed."""
+    single = dict(depths=(0, 0), num_group_tokens=(8, 0), num_output_groups=(8,))
+    pixels = torch.randn(2, 3, 64, 64)
+    peaks = {}
+    for std in (0.02, 0.2):
+        torch.manual_seed(0)
+        model = GroupViT(tiny_spec(assign_init_std=std, **single)).eval()
+        with torch.no_grad():
+            peaks[std] = model.encode_image(pixels).soft_maps[0].max(dim=1).values.mean()
+        assert model.img_encoder.layers[
+            0
+        ].downsample.assign.q_proj.weight.std().item() == pytest.approx(std, rel=0.15)
+    assert peaks[0.02] < 0.2 < peaks[0.2]
+    torch.manual_seed(0)
+    before = GroupViT(tiny_spec(**single)).state_dict()
+    torch.manual_seed(0)
+    same = GroupViT(tiny_spec(assign_init_std=0.02, **single)).state_dict()
+    assert all(torch.equal(before[k], same[k]) for k in before)
+
+
 def test_logit_scale_is_clamped_at_100_unless_disabled():
     model = GroupViT(tiny_spec())
     with torch.no_grad():

@@ -223,7 +223,14 @@ def test_quickstart_trains_and_writes_a_loadable_checkpoint(tmp_path, caplog):
     for key in ("val/loss", "train/contrastive", "train/multi_label", "train/group_entropy"):
         assert math.isfinite(summary["fit_metrics"][key])
     model = load_groupvit(run / "groupvit.pt")
-    assert model.spec == tiny_spec()
+    assert model.spec == tiny_spec(  # groupvit/model=tiny_one_stage
+        depths=(0, 0),
+        num_group_tokens=(8, 0),
+        num_output_groups=(8,),
+        gumbel=False,
+        projection_layers=1,
+        group_residual=0.0,
+    )
     untrained = load_groupvit(run / "groupvit_untrained.pt")
     assert untrained.spec == model.spec
     assert summary["groupvit_untrained_checkpoint"] == str(run / "groupvit_untrained.pt")
@@ -282,3 +289,31 @@ def test_sample_tagger_does_not_depend_on_the_global_random_state():
         tagged_sample._trained_perceptron.cache_clear()
         tags.append(tagged_sample.SampleTrainedTagger()("a giraffe eats leaves".split()))
     assert tags[0] == tags[1]
+
+
+def test_quickstart_model_and_findings_rows_compose(tmp_path):
+    """The quickstart builds the one-stage tiny GroupViT with a linear projector and no group
+    token in the segments; every row of experiments/groupvit_findings.py composes and validates
+    (no training: the script itself is the benchmark)."""
+    import importlib.util
+    from pathlib import Path
+
+    from vitlab.pipelines.groupvit import build_groupvit
+    from vitlab.tasks.groupvit import select_trainable
+
+    cfg = compose_config("train", ["experiment=quickstart_groupvit"], tmp_path)
+    model = build_groupvit(cfg.groupvit.model)
+    assert model.spec.projection_layers == 1 and model.spec.group_residual == 0.0
+    assert model.spec.num_group_tokens == (8, 0) and not model.spec.gumbel
+    assert cfg.dataset.synthetic.empty_fraction == 0.25
+    seg = compose_config("infer", ["experiment=segment_synthetic_voc"], tmp_path)
+    assert dict(seg.dataset.synthetic) == dict(cfg.dataset.synthetic)  # same generated folder
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "groupvit_findings.py"
+    module_spec = importlib.util.spec_from_file_location("groupvit_findings", path)
+    findings = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(findings)
+    for _, _, overrides in findings.ROWS + findings.FINETUNE_ROWS:
+        row = compose_config("train", ["experiment=quickstart_groupvit", *overrides], tmp_path)
+        validate_groupvit(row)
+        assert select_trainable(build_groupvit(cfg.groupvit.model), list(row.groupvit.trainable))

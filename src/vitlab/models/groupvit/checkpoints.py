@@ -272,6 +272,11 @@ def hf_config_from_spec(spec: GroupViTSpec):
     token ids written out (not left to the installed version's defaults)."""
     from transformers import GroupViTConfig
 
+    if spec.projection_layers != 2:
+        raise CheckpointError(
+            "the transformers GroupViT has 2-layer projectors; "
+            f"projection_layers={spec.projection_layers} has no transformers equivalent"
+        )
     output_groups = list(spec.num_output_groups)
     output_groups += [output_groups[-1]] * (len(spec.depths) - len(output_groups))
     vision = dict(
@@ -346,8 +351,9 @@ def spec_from_state_dict(state: dict[str, Tensor], **overrides) -> GroupViTSpec:
         text_layers=len(text_layers),
         text_mlp_ratio=state["text_encoder.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         / text_pos.shape[1],
-        projection_hidden=state[hidden[0]].shape[0],
+        projection_hidden=state[hidden[0]].shape[0] if hidden else GroupViTSpec.projection_hidden,
         projection_dim=state[out[0]].shape[0],
+        projection_layers=2 if hidden else 1,
     )
     values.update(overrides)
     return GroupViTSpec(**values)

@@ -41,6 +41,14 @@ class GroupViTSpec:
     # training's hard assignment: Gumbel-softmax sample (the reference) or, False, the argmax of
     # the plain softmax as at inference (the reference's `gumbel=False` option)
     gumbel: bool = True
+    # weight of the group token added to its new segment (`new_x += projected_group_tokens`):
+    # 1.0 the reference; < 1 shrinks the per-group constant every segment carries (0: a segment
+    # is only what its tokens bring)
+    group_residual: float = 1.0
+    # init std of the assignment's query/key maps (the reference: 0.02 like every Linear); a
+    # from-scratch model with 0.02 starts at a bilinear saddle: near-zero assignment logits whose
+    # gradients are products of two tiny maps, so the soft assignment stays uniform
+    assign_init_std: float = 0.02
     drop_path_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     vocab_size: int = 49408
@@ -51,6 +59,9 @@ class GroupViTSpec:
     text_mlp_ratio: float = 4.0
     projection_hidden: int = 4096
     projection_dim: int = 256
+    # projector depth (the reference's proj_num_layers): 2 = Linear-BN-ReLU-Linear, 1 = one
+    # Linear, so the pooled embedding is the mean of the projected segments
+    projection_layers: int = 2
     logit_scale_init: float = LOGIT_SCALE_INIT
 
     def __post_init__(self) -> None:
@@ -71,6 +82,8 @@ class GroupViTSpec:
             )
         if self.embed_dim % self.num_heads or self.text_width % self.text_heads:
             raise ValueError("embed_dim/text_width must be divisible by their head counts")
+        if self.projection_layers not in (1, 2):
+            raise ValueError(f"projection_layers must be 1 or 2, got {self.projection_layers}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
 
@@ -344,6 +357,7 @@ class GroupingBlock(nn.Module):
         self.assign = AssignAttention(dim, spec.assign_eps, spec.gumbel_tau, spec.gumbel)
         self.norm_new_x = nn.LayerNorm(dim, eps=eps)
         self.mlp_channels = Mlp(dim, channels_hidden)
+        self.group_residual = spec.group_residual
 
     def forward(self, tokens: Tensor, group_tokens: Tensor) -> tuple[Tensor, Assignment]:
         group_tokens = self.norm_tokens(group_tokens)
@@ -351,7 +365,8 @@ class GroupingBlock(nn.Module):
         groups = self.norm_post_tokens(self.mlp_inter(group_tokens))
         groups = self.pre_assign_attn(groups, tokens)
         segments, assignment = self.assign(groups, tokens)
-        segments = segments + groups
+        if self.group_residual:
+            segments = segments + self.group_residual * groups
         segments = segments + self.mlp_channels(self.norm_new_x(segments))
         return segments, assignment
 
@@ -502,18 +517,21 @@ class TextEncoder(nn.Module):
 
 
 class Projector(nn.Module):
-    """Linear -> BatchNorm1d -> ReLU -> Linear into the joint space (NVlabs `ProjectMLP`)."""
+    """Linear -> BatchNorm1d -> ReLU -> Linear into the joint space (NVlabs `ProjectMLP`), or with
+    `layers=1` one Linear (`fc2`, the reference's `linear_out`; no `fc1`/`bn`)."""
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.bn = nn.BatchNorm1d(hidden)
-        self.fc2 = nn.Linear(hidden, out_dim)
+        self.fc1 = nn.Linear(in_dim, hidden) if layers == 2 else None
+        self.bn = nn.BatchNorm1d(hidden) if layers == 2 else None
+        self.fc2 = nn.Linear(hidden if layers == 2 else in_dim, out_dim)
 
     def forward(self, x: Tensor, frozen_stats: bool = False) -> Tensor:
         """[..., in_dim] -> [..., out_dim]. `frozen_stats` normalises with the running statistics
         and leaves them untouched even in training (segment tokens must not skew them)."""
         shape = x.shape[:-1]
+        if self.fc1 is None:
+            return self.fc2(x)
         h = self.fc1(x.reshape(-1, x.shape[-1]))
         if frozen_stats:
             h = F.batch_norm(
@@ -545,8 +563,9 @@ class GroupViT(nn.Module):
         self.img_encoder = ImageEncoder(self.spec)
         self.text_encoder = TextEncoder(self.spec)
         p = self.spec
-        self.img_projector = Projector(p.embed_dim, p.projection_hidden, p.projection_dim)
-        self.text_projector = Projector(p.text_width, p.projection_hidden, p.projection_dim)
+        layers = p.projection_layers
+        self.img_projector = Projector(p.embed_dim, p.projection_hidden, p.projection_dim, layers)
+        self.text_projector = Projector(p.text_width, p.projection_hidden, p.projection_dim, layers)
         self.logit_scale = nn.Parameter(torch.tensor(p.logit_scale_init))
         self.multi_label_logit_scale = nn.Parameter(torch.tensor(p.logit_scale_init))
         self.reset_parameters()
@@ -563,6 +582,11 @@ class GroupViT(nn.Module):
             elif isinstance(module, nn.MultiheadAttention):
                 nn.init.normal_(module.in_proj_weight, std=module.embed_dim**-0.5)
                 nn.init.zeros_(module.in_proj_bias)
+        if self.spec.assign_init_std != 0.02:  # (the default draws nothing more: same init)
+            for module in self.modules():
+                if isinstance(module, AssignAttention):
+                    for linear in (module.q_proj, module.k_proj):
+                        nn.init.trunc_normal_(linear.weight, std=self.spec.assign_init_std)
         nn.init.trunc_normal_(self.img_encoder.pos_embed, std=0.02)
         first_stage_tokens = self.img_encoder.layers[0].group_token
         if first_stage_tokens is not None:
