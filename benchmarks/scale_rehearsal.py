@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,7 @@ def main() -> None:
         help="official: the CSV padded to 1,408,033 x scale rows; images: one row per image",
     )
     parser.add_argument("--epochs", type=int, default=10, help="trainer.max_epochs")
-    parser.add_argument("--work", type=Path, default=None, help="default /tmp/vitlab-scale-<s>")
+    parser.add_argument("--work", type=Path, default=None, help="default <temp dir>/vitlab-scale-<s>")
     parser.add_argument("--reuse-data", action="store_true", help="keep a generated dataset")
     parser.add_argument("--print", type=Path, default=None, help="reprint a rehearsal.json")
     parser.add_argument("extra", nargs="*", help="more train.py overrides (key=value)")
@@ -200,7 +201,7 @@ def main() -> None:
         print_report(json.loads(args.print.read_text()), args)
         return
 
-    work = args.work or Path(f"/tmp/vitlab-scale-{args.scale:g}")
+    work = args.work or Path(tempfile.gettempdir()) / f"vitlab-scale-{args.scale:g}"
     claim_work_dir(work)
     data, run_dir, cache = work / "data", work / "run", work / "cache"
     spec = spec_for(args.scale, args.images_per_species, args.metadata_rows)
