@@ -164,6 +164,7 @@ def test_backbone_classifier_without_class_mapping_fails_before_work(data, tmp_p
         ("seed=abc", "seed must be a whole number"),
         ("+predict.center_crop=false", "predict.tile_fit"),
         ("predict.tile_fit=stretch", "predict.tile_fit='stretch' is not one of"),
+        ("predict.test=sometimes", "predict.test"),
     ],
 )
 def test_bad_values_fail_before_work(data, tmp_path, override, match):

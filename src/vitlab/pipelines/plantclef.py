@@ -96,6 +96,7 @@ def validate(cfg: DictConfig) -> None:
             "was center_crop=true) | resize (was center_crop=false) | pad"
         )
     require_choice(cfg, "predict.tile_fit", TILE_FITS)
+    require_choice(cfg, "predict.test", (True, False))
     require_accelerator(cfg.get("trainer"))
     check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
     instantiate_node(cfg.inference, "inference")
