@@ -49,8 +49,22 @@ def embed_key(prepared_key: str, backbone: Backbone, features: FeatureReducer) -
     return content_key("embed-v1", prepared_key, backbone.identity(), features.params())
 
 
+class LiveBackbone:
+    """For picklable shard tasks: the live `backbone` is used in-process and left out of the
+    pickle; a Spark worker builds its own once from `backbone_args` (and reuses it)."""
+
+    backbone_args: dict[str, Any]
+    backbone: Backbone | None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backbone": None}
+
+    def live_backbone(self) -> Backbone:
+        return self.backbone or backbone_in_process(self.backbone_args)
+
+
 @dataclass
-class EmbedShardTask:
+class EmbedShardTask(LiveBackbone):
     """Embed one prepared shard. Picklable: on Spark only the backbone's build arguments and
     the feature reducer travel; each worker process builds the backbone once and reuses it."""
 
@@ -60,13 +74,10 @@ class EmbedShardTask:
     batch_size: int
     backbone: Backbone | None = field(default=None, repr=False)  # the live one, in-process
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "backbone": None}
-
     def __call__(
         self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
     ) -> tuple[pa.Table, dict[str, Any]]:
-        backbone = self.backbone or backbone_in_process(self.backbone_args)
+        backbone = self.live_backbone()
         table = pq.read_table(Path(self.input_dir) / shard_name(shard_no))
         names = table.column("image_name").to_pylist()
         blobs = table.column("image").to_pylist()

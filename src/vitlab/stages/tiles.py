@@ -31,8 +31,8 @@ from vitlab.cache import content_key, files_fingerprint
 from vitlab.data.loading import prefetch
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings, embeddings_to_arrow
 from vitlab.engines.local import LocalEngine
-from vitlab.models.backbones import Backbone, backbone_in_process, preprocess_batch
-from vitlab.stages.embed import FeatureReducer, embed_pixels, feature_dim
+from vitlab.models.backbones import Backbone, preprocess_batch
+from vitlab.stages.embed import FeatureReducer, LiveBackbone, embed_pixels, feature_dim
 from vitlab.stages.predict import (
     PredictionResult,
     Strategy,
@@ -72,7 +72,7 @@ def tiles_key(
 
 
 @dataclass
-class TileEmbedTask:
+class TileEmbedTask(LiveBackbone):
     """Embed the tiles of one shard's quadrats (rows: `image`, a path). Picklable like
     `EmbedShardTask`: on Spark each worker builds the backbone once from its build arguments."""
 
@@ -84,13 +84,10 @@ class TileEmbedTask:
     batch_size: int
     backbone: Backbone | None = field(default=None, repr=False)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "backbone": None}
-
     def __call__(
         self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
     ) -> tuple[pa.Table, dict[str, Any]]:
-        backbone = self.backbone or backbone_in_process(self.backbone_args)
+        backbone = self.live_backbone()
         size, fill = backbone.input_spec.size, mean_colour(backbone)
         paths = [Path(p) for p in rows["image"]]
         quadrats = prefetch(
