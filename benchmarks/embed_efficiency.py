@@ -3,9 +3,12 @@
 End to end = read prepared Parquet shards + decode JPEGs + preprocess + backbone forward + write
 embedding shards, on a cache miss (a fresh cache dir per repeat; the prepare stage is done before
 any timing). Model only = `embed_pixels(backbone, features, pixels)` on pre-made normalised
-tensors of the same batch sizes and resolution, under `torch.inference_mode`. Both are measured in
-the same process, after one warm-up forward, interleaved over N repeats; each side's best repeat
-(least disturbed by other load on the machine) is reported; the target is ratio >= 0.85.
+tensors of the same batch sizes and resolution, under `torch.inference_mode`, measured two ways:
+one forward at a time on all torch threads, and forwards side by side as the stage runs them
+(`vitlab.stages.embed.map_side_by_side`: the threads split over data-parallel forwards). All
+three are measured in the same process, after one warm-up forward, interleaved over N repeats;
+the headline is the median of the per-repeat ratios, target >= 0.90; the ratio to the side-by-side
+model-only (the stage's cost beyond its own way of running the model) is printed beside it.
 
 With `--profile` (on by default when the tiny ViT misses the target) instrumented end-to-end runs
 split the time by component (parquet read, decode, preprocess, forward, write, progress bar,
@@ -31,9 +34,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,7 @@ from vitlab.data.synthetic.plantclef import (
 )
 from vitlab.models.backbones import Backbone, create_backbone, preprocess_batch
 from vitlab.models.features import ClsToken
-from vitlab.stages.embed import embed_pixels, embed_prepared
+from vitlab.stages.embed import embed_pixels, embed_prepared, map_side_by_side
 from vitlab.stages.prepare import PrepareParams, prepare_training_images
 
 TARGET_RATIO = 0.90
@@ -98,6 +100,8 @@ class Measurement:
     images: int
     model_only: list[tuple[float, float | None]]  # (img/s, others' CPU share) per repeat
     end_to_end: list[tuple[float, float | None]]
+    # model only with the stage's forwards side by side (same img/s, share pairs)
+    side_by_side: list[tuple[float, float | None]] = field(default_factory=list)
 
     @property
     def best_model_only(self) -> tuple[float, float | None]:
@@ -119,6 +123,10 @@ class Measurement:
     def ratio(self) -> float:
         """The headline: median of the per-pair ratios (best-of-N favours the luckier side)."""
         return statistics.median(self.pair_ratios())
+
+    def side_by_side_ratios(self) -> list[float]:
+        """end-to-end / model-only with forwards side by side, per repeat."""
+        return [e2e / mo for (mo, _), (e2e, _) in zip(self.side_by_side, self.end_to_end)]
 
     def clean_pair_ratios(self) -> list[float]:
         """end-to-end / model-only of each repeat (the two runs are adjacent in time) where
@@ -166,10 +174,12 @@ def batch_sizes(n_images: int, batch_size: int) -> list[int]:
 
 
 def model_only_rate(
-    backbone: Backbone, n_images: int, batch_size: int
+    backbone: Backbone, n_images: int, batch_size: int, side_by_side: bool = False
 ) -> tuple[float, float | None]:
     """img/s of the forward + feature reduction alone, same batch composition as the stage,
-    and the share of the machine's CPU other processes used meanwhile."""
+    and the share of the machine's CPU other processes used meanwhile. `side_by_side`: the
+    forwards run the way the embed stage runs them (`map_side_by_side`: the torch threads split
+    over data-parallel forwards); otherwise one at a time on all torch threads."""
     size = backbone.input_spec.size
     generator = torch.Generator().manual_seed(0)
     pixels = {
@@ -178,10 +188,13 @@ def model_only_rate(
     }
     features = ClsToken()
 
+    def forward(batch: torch.Tensor) -> Any:
+        return embed_pixels(backbone, features, batch).numpy()
+
     def run() -> None:
-        with torch.inference_mode():
-            for b in batch_sizes(n_images, batch_size):
-                embed_pixels(backbone, features, pixels[b])
+        forwards = map_side_by_side if side_by_side else map
+        for _ in forwards(forward, [pixels[b] for b in batch_sizes(n_images, batch_size)]):
+            pass
 
     _, seconds, others = timed_with_noise(run)
     return n_images / seconds, others
@@ -231,27 +244,34 @@ def measure(
     print(f"[{key}] warm-up forward (batch {batch_size}) ...", flush=True)
     warm_up(backbone, batch_size)
     result = Measurement(setup.label, batch_size, n_prepared, [], [])
+    runs: list[tuple[list[tuple[float, float | None]], Callable[[], Any]]] = [
+        (result.model_only, lambda: model_only_rate(backbone, n_prepared, batch_size)),
+        (
+            result.end_to_end,
+            lambda: end_to_end_rate(prepared, backbone, batch_size, work / f"embed-cache-{key}"),
+        ),
+        (
+            result.side_by_side,
+            lambda: model_only_rate(backbone, n_prepared, batch_size, side_by_side=True),
+        ),
+    ]
     for r in range(repeats):
-        # alternate the order so slow drift of the machine does not favour one side
-        if r % 2 == 0:
-            result.model_only.append(model_only_rate(backbone, n_prepared, batch_size))
-            result.end_to_end.append(
-                end_to_end_rate(prepared, backbone, batch_size, work / f"embed-cache-{key}")
-            )
-        else:
-            result.end_to_end.append(
-                end_to_end_rate(prepared, backbone, batch_size, work / f"embed-cache-{key}")
-            )
-            result.model_only.append(model_only_rate(backbone, n_prepared, batch_size))
+        # rotate the order so slow drift of the machine does not favour one side
+        for into, run in runs[r % 3 :] + runs[: r % 3]:
+            into.append(run())
         (mo, mo_noise), (e2e, e2e_noise) = result.model_only[-1], result.end_to_end[-1]
+        sbs, sbs_noise = result.side_by_side[-1]
         print(
             f"[{key}] repeat {r + 1}/{repeats}: model-only {mo:.1f} img/s "
-            f"(others' CPU {format_share(mo_noise)}), end-to-end {e2e:.1f} img/s "
-            f"(others' CPU {format_share(e2e_noise)})",
+            f"(others' CPU {format_share(mo_noise)}), side by side {sbs:.1f} img/s "
+            f"({format_share(sbs_noise)}), end-to-end {e2e:.1f} img/s "
+            f"({format_share(e2e_noise)})",
             flush=True,
         )
     return result, prepared, backbone
 
+
+FORWARD_LABEL = "workers: forward (embed_pixels)"
 
 # ---------------------------------------------------------------------------------------------
 # Profile of one end-to-end run: wrap the functions `embed_prepared` calls with timers.
@@ -335,8 +355,8 @@ def instrumented(timers: Timers) -> Iterator[None]:
     def timed_progress(original: Callable[..., Any]) -> Callable[..., Any]:
         return lambda *a, **k: TimedBar(original(*a, **k), timers)
 
-    patch(embed_mod, "embed_pixels", lambda f: timers.wrap("main: forward (embed_pixels)", f))
-    patch(embed_mod, "preprocess_batch", lambda f: timers.wrap("main: preprocess_batch", f))
+    patch(embed_mod, "embed_pixels", lambda f: timers.wrap(FORWARD_LABEL, f))
+    patch(embed_mod, "preprocess_batch", lambda f: timers.wrap("workers: preprocess_batch", f))
     patch(
         embed_mod,
         "decode_uint8_batch",
@@ -403,27 +423,6 @@ def isolated_costs(prepared: ShardedStage, backbone: Backbone, batch_size: int) 
 # (nothing in src/ is changed), to size the gain of each suggested fix.
 
 
-def fused_preprocess(images: Any, spec: Any) -> torch.Tensor:
-    """preprocess_batch with the uint8 -> NCHW transpose done on uint8 and the /255, -mean, /std
-    folded into one in-place subtract and multiply (same values up to float rounding)."""
-    pixels = torch.as_tensor(images).permute(0, 3, 1, 2)
-    if pixels.shape[-2:] != (spec.size, spec.size):
-        return preprocess_batch(images, spec)  # resize path unchanged
-    pixels = pixels.contiguous().float()
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
-    return pixels.sub_(mean).mul_(inv_std)
-
-
-def torchvision_decode(blobs: Any, names: Any, pool: Any = None) -> torch.Tensor:
-    """JPEG bytes -> (N, H, W, 3) uint8 via torchvision.io.decode_jpeg (libjpeg-turbo, no PIL
-    objects); no per-image error naming, so only for sizing the gain."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    return torch.stack(decode_jpeg(data, mode=ImageReadMode.RGB)).permute(0, 2, 3, 1)
-
-
 def loader_preprocess(
     decode: Callable[..., Any], spec: Any, preprocess: Callable[..., torch.Tensor] | None = None
 ) -> Callable[..., torch.Tensor]:
@@ -438,10 +437,6 @@ def loader_preprocess(
 
 def already_preprocessed(images: torch.Tensor, spec: Any) -> torch.Tensor:
     return images
-
-
-def single_thread_pool(max_workers: int | None = None) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1)
 
 
 @contextmanager
@@ -466,20 +461,11 @@ def what_if(
     }
     variants: dict[str, dict[str, Any]] = {
         "as is": {},
-        "fused preprocess": {"preprocess_batch": fused_preprocess},
-        "torchvision decode": {"decode_uint8_batch": torchvision_decode},
-        "decode pool of 1 thread (not 2)": {"ThreadPoolExecutor": single_thread_pool},
+        "one forward at a time on all threads (before)": {
+            "forward_workers": lambda threads: (1, threads)
+        },
+        "decode pool of 1 thread (not 2)": {"decode_pool_size": lambda *_: 1},
         "preprocess in the loader thread": in_loader,
-        "preprocess in the loader thread, fused": {
-            **in_loader,
-            "decode_uint8_batch": loader_preprocess(
-                embed_mod.decode_uint8_batch, spec, fused_preprocess
-            ),
-        },
-        "fused preprocess + torchvision decode": {
-            "preprocess_batch": fused_preprocess,
-            "decode_uint8_batch": torchvision_decode,
-        },
     }
     n_images = prepared.manifest["report"]["images_written"]
     model_only: list[tuple[float, float | None]] = []
@@ -558,15 +544,17 @@ def profile(
         )
     other = wall - main_total
     print(
-        f"| main: other (setup, concat, finish, manifest) | - | {other:.3f} | "
+        f"| main: waiting for the forwards, setup, concat, finish | - | {other:.3f} | "
         f"{1000 * other / n:.3f} | {100 * other / wall:.1f} |"
     )
-    forward = timers.seconds["main: forward (embed_pixels)"]
+    workers, threads_each = embed_mod.forward_workers(torch.get_num_threads())
+    busy = timers.seconds[FORWARD_LABEL] / workers
     print(
-        f"\nforward inside the stage: {n / forward:.1f} img/s vs {model_only_ips:.1f} img/s "
-        f"alone ({100 * (n / forward / model_only_ips - 1):+.1f}%: the loader threads compete "
-        "for the same cores). main: rows are sequential on the main thread and add up to the "
-        "wall time; loader: rows run in background threads, concurrently with main."
+        f"\nforwards inside the stage: {workers} side by side with {threads_each} torch "
+        f"thread(s) each, each busy {busy:.3f} s ({100 * busy / wall:.0f}% of the wall time). "
+        "main: rows are sequential on the main thread and add up to the wall time; loader: and "
+        "workers: rows run in background threads, concurrently with main (their totals add up "
+        "over threads)."
     )
     print("\n### Isolated cost per image (components run alone, sequentially)\n")
     print("| component | ms/img |")
@@ -575,17 +563,28 @@ def profile(
         print(f"| {name} | {ms:.3f} |")
 
 
+def describe_ratios(ratios: list[float]) -> str:
+    """median [IQR; range] (n) of paired ratios."""
+    pairs = sorted(ratios)
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
+    return (
+        f"{statistics.median(pairs):.3f} [{quartiles[0]:.3f}-{quartiles[2]:.3f}; "
+        f"{pairs[0]:.3f}-{pairs[-1]:.3f}] ({len(pairs)})"
+    )
+
+
 def print_table(rows: list[Measurement]) -> None:
     print(
-        "\n| model | batch size | images | model-only img/s (median) | end-to-end img/s (median) "
-        f"| paired ratio: median [IQR; range] (n) | target >= {TARGET_RATIO} | best / best | "
-        "median ratio of clean pairs (range, n) |"
+        "\n| model | batch size | images | model-only img/s (median) | model-only side by side "
+        "img/s (median) | end-to-end img/s (median) | paired ratio to model-only: median [IQR; "
+        f"range] (n) | >= {TARGET_RATIO} | paired ratio to model-only side by side | "
+        f">= {TARGET_RATIO} | best / best | median ratio of clean pairs (range, n) |"
     )
-    print("|---|---:|---:|---:|---:|---|---|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|---|---:|---|")
     for m in rows:
-        pairs = sorted(m.pair_ratios())
-        quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
         verdict = "ok" if m.ratio >= TARGET_RATIO else "BELOW"
+        side_by_side = statistics.median(m.side_by_side_ratios())
+        side_by_side_verdict = "ok" if side_by_side >= TARGET_RATIO else "BELOW"
         clean = m.clean_pair_ratios()
         clean_text = (
             f"{statistics.median(clean):.3f} ({min(clean):.3f}-{max(clean):.3f}, {len(clean)})"
@@ -593,15 +592,20 @@ def print_table(rows: list[Measurement]) -> None:
             else "no clean pair"
         )
         mo = statistics.median(v for v, _ in m.model_only)
+        sbs = statistics.median(v for v, _ in m.side_by_side)
         e2e = statistics.median(v for v, _ in m.end_to_end)
         print(
-            f"| {m.model} | {m.batch_size} | {m.images} | {mo:.1f} | {e2e:.1f} | "
-            f"{m.ratio:.3f} [{quartiles[0]:.3f}-{quartiles[2]:.3f}; {pairs[0]:.3f}-{pairs[-1]:.3f}]"
-            f" ({len(pairs)}) | {verdict} | {m.best_ratio:.3f} | {clean_text} |"
+            f"| {m.model} | {m.batch_size} | {m.images} | {mo:.1f} | {sbs:.1f} | {e2e:.1f} | "
+            f"{describe_ratios(m.pair_ratios())} | {verdict} | "
+            f"{describe_ratios(m.side_by_side_ratios())} | {side_by_side_verdict} | "
+            f"{m.best_ratio:.3f} | {clean_text} |"
         )
     print(
-        "\nPaired ratio: end-to-end / model-only of each repeat, the two runs adjacent in time "
-        "(so both see about the same machine load); the median of these is the headline figure. "
+        "\nPaired ratio: end-to-end / model-only of each repeat, the runs adjacent in time "
+        "(so they see about the same machine load); the median of these is the headline figure. "
+        "Model-only runs one forward at a time on all torch threads; model-only side by side "
+        "splits the threads over data-parallel forwards as the stage does, so the second ratio "
+        "is the stage's cost beyond its own way of running the model. "
         "Clean pair: a repeat whose two runs both had others' CPU < "
         f"{QUIET_THRESHOLD:.0%} (others' CPU = share of the machine's CPU time used by other "
         "processes during a run)."

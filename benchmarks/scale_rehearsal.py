@@ -192,7 +192,9 @@ def main() -> None:
         help="official: the CSV padded to 1,408,033 x scale rows; images: one row per image",
     )
     parser.add_argument("--epochs", type=int, default=10, help="trainer.max_epochs")
-    parser.add_argument("--work", type=Path, default=None, help="default <temp dir>/vitlab-scale-<s>")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="default <temp dir>/vitlab-scale-<s>"
+    )
     parser.add_argument("--reuse-data", action="store_true", help="keep a generated dataset")
     parser.add_argument("--print", type=Path, default=None, help="reprint a rehearsal.json")
     parser.add_argument("extra", nargs="*", help="more train.py overrides (key=value)")

@@ -129,3 +129,18 @@ def test_hf_dinov2_from_local_directory(tmp_path, registers):
     assert "weights" in backbone.identity()
     with pytest.raises(ValueError, match="no classifier"):
         backbone.classify(pixels)
+
+
+def test_preprocess_matches_torchvision_to_tensor_then_normalize():
+    """The fused uint8 multiply-add equals the reference transform, per image, and is a
+    contiguous NCHW tensor (a channels-last one slows the patch embedding)."""
+    from torchvision.transforms import Normalize, ToTensor
+
+    from vitlab.models.backbones import InputSpec
+
+    spec = InputSpec(size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    images = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    reference = torch.stack([Normalize(spec.mean, spec.std)(ToTensor()(im)) for im in images])
+    pixels = preprocess_batch(images, spec)
+    assert pixels.dtype == torch.float32 and pixels.is_contiguous()
+    torch.testing.assert_close(pixels, reference, atol=1e-5, rtol=0)

@@ -24,6 +24,7 @@ from vitlab.models.backbones import create_backbone
 from vitlab.models.features import ClsToken
 from vitlab.pipelines.base import build_backbone
 from vitlab.pipelines.plantclef import train
+from vitlab.stages.embed import torch_threads
 from vitlab.stages.predict import EmbeddingHeadPredictor, predict_quadrats
 from vitlab.stages.tiles import embed_test_tiles, predict_from_tiles, tiles_key
 from vitlab.sweep_driver import trial_predicts_test
@@ -91,9 +92,10 @@ def test_rerun_and_head_changes_do_no_forward_and_the_key_follows_the_inputs(tmp
     root = tmp_path / "test"
     backbone, features = _backbone(), ClsToken()
     counter = _CountingBackbone(backbone)
-    first, embedded = embed_test_tiles(
-        images, root, GridTopK(3, top_l=5), backbone, features, tmp_path / "c", batch_size=8
-    )
+    with torch_threads(1):  # one forward per batch (2 threads: each batch split in two)
+        first, embedded = embed_test_tiles(
+            images, root, GridTopK(3, top_l=5), backbone, features, tmp_path / "c", batch_size=8
+        )
     assert embedded == len(images)
     assert sum(counter.batches) == 9 * 5  # five 3x3 quadrats; the 2 skipped ones: none
     assert all(b == 8 for b in counter.batches[:-1]), counter.batches  # filled across quadrats

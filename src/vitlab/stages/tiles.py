@@ -31,8 +31,8 @@ from vitlab.cache import content_key, files_fingerprint
 from vitlab.data.loading import prefetch
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings, embeddings_to_arrow
 from vitlab.engines.local import LocalEngine
-from vitlab.models.backbones import Backbone, preprocess_batch
-from vitlab.stages.embed import FeatureReducer, LiveBackbone, embed_pixels, feature_dim
+from vitlab.models.backbones import Backbone
+from vitlab.stages.embed import FeatureReducer, LiveBackbone, embed_batches, feature_dim
 from vitlab.stages.predict import (
     PredictionResult,
     Strategy,
@@ -97,30 +97,33 @@ class TileEmbedTask(LiveBackbone):
         plots: list[str] = []
         tile_numbers: list[int] = []
         errors: list[str | None] = []
-        vectors: list[np.ndarray] = []
-        pending: list[np.ndarray] = []  # tiles not yet forwarded, in order
-        for path, quadrat in zip(paths, quadrats):
-            name = str(path.relative_to(self.root))
-            if quadrat.tiles is None:  # one row with the reason, no forward
-                names.append(name)
-                plots.append(quadrat.plot_id)
-                tile_numbers.append(SKIPPED_TILE)
-                errors.append(quadrat.error or "unreadable")
-            else:
-                count = len(quadrat.tiles)
-                names += [name] * count
-                plots += [quadrat.plot_id] * count
-                tile_numbers += range(count)
-                errors += [None] * count
-                pending.append(quadrat.tiles)
-                pending, done = _forward_full_batches(
-                    backbone, self.features, pending, self.batch_size
-                )
-                vectors += done
-            if progress:
-                progress(1)
-        leftover = sum(len(t) for t in pending)  # fewer than batch_size: one last batch
-        vectors += _forward_full_batches(backbone, self.features, pending, max(1, leftover))[1]
+
+        def tile_batches() -> Iterator[np.ndarray]:
+            """Batches of `batch_size` tiles across quadrats (the last one may be short); the
+            rows above are recorded as the quadrats are read."""
+            pending: list[np.ndarray] = []  # tiles not yet batched, in order
+            for path, quadrat in zip(paths, quadrats):
+                name = str(path.relative_to(self.root))
+                if quadrat.tiles is None:  # one row with the reason, no forward
+                    names.append(name)
+                    plots.append(quadrat.plot_id)
+                    tile_numbers.append(SKIPPED_TILE)
+                    errors.append(quadrat.error or "unreadable")
+                else:
+                    count = len(quadrat.tiles)
+                    names.extend([name] * count)
+                    plots.extend([quadrat.plot_id] * count)
+                    tile_numbers.extend(range(count))
+                    errors.extend([None] * count)
+                    pending.append(quadrat.tiles)
+                    pending, full = _full_batches(pending, self.batch_size)
+                    yield from full
+                if progress:
+                    progress(1)
+            if pending:
+                yield np.concatenate(pending)
+
+        vectors = list(embed_batches(backbone, self.features, tile_batches()))
         is_tile = np.asarray(tile_numbers, dtype=np.int64) != SKIPPED_TILE
         dim = vectors[0].shape[1] if vectors else feature_dim(backbone, self.features)
         embeddings = np.zeros((len(names), dim), np.float32)  # skipped quadrats' rows: zeros
@@ -138,22 +141,18 @@ class TileEmbedTask(LiveBackbone):
         return table, {"quadrats": len(paths), "tiles": int(is_tile.sum())}
 
 
-def _forward_full_batches(
-    backbone: Backbone, features: FeatureReducer, pending: list[np.ndarray], batch_size: int
+def _full_batches(
+    pending: list[np.ndarray], batch_size: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Forward as many whole batches of `batch_size` tiles as `pending` holds; returns the
-    leftover tiles and the embeddings, in order."""
+    """The leftover tiles and as many whole batches of `batch_size` as `pending` holds, in
+    order."""
     total = sum(len(t) for t in pending)
     if total < batch_size:
         return pending, []
     tiles = np.concatenate(pending) if len(pending) > 1 else pending[0]
     whole = total // batch_size * batch_size
-    out = []
-    for start in range(0, whole, batch_size):
-        pixels = preprocess_batch(tiles[start : start + batch_size], backbone.input_spec)
-        out.append(embed_pixels(backbone, features, pixels).float().numpy())
-    leftover = [tiles[whole:]] if whole < total else []
-    return leftover, out
+    full = [tiles[start : start + batch_size] for start in range(0, whole, batch_size)]
+    return ([tiles[whole:]] if whole < total else []), full
 
 
 def embed_test_tiles(
