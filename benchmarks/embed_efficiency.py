@@ -465,6 +465,9 @@ def what_if(
             "forward_workers": lambda threads: (1, threads)
         },
         "decode pool of 1 thread (not 2)": {"decode_pool_size": lambda *_: 1},
+        "batch split in 2 parts per forward": {
+            "row_slices": lambda rows, parts, _split=embed_mod.row_slices: _split(rows, 2 * parts)
+        },
         "preprocess in the loader thread": in_loader,
     }
     n_images = prepared.manifest["report"]["images_written"]
