@@ -72,3 +72,21 @@ def run_entry_point(entry: str, args: list[str], root: Path) -> subprocess.Compl
         text=True,
         env={**os.environ, "VITLAB_ROOT": str(root), "WANDB_MODE": "disabled"},
     )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: needs CUDA (skipped where torch sees no GPU; benchmarks/gpu_check.py)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where torch sees a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

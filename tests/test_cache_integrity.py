@@ -41,16 +41,17 @@ def rerun(tiny_plantclef, clean, tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
     shutil.copytree(clean[0], cache)
     computed: dict[str, list[int]] = {"prepare": [], "embed": []}
-    for name, cls in (
-        ("prepare", prepare_module.PrepareShardTask),
-        ("embed", embed_module.EmbedShardTask),
+    # the local engine calls a task that loads ahead (embed) through `load(shard_no, rows)`
+    for name, cls, method in (
+        ("prepare", prepare_module.PrepareShardTask, "__call__"),
+        ("embed", embed_module.EmbedShardTask, "load"),
     ):
 
-        def spy(self, shard_no, rows, progress, _original=cls.__call__, _name=name):
+        def spy(self, shard_no, *rest, _original=cls.__dict__[method], _name=name):
             computed[_name].append(shard_no)
-            return _original(self, shard_no, rows, progress)
+            return _original(self, shard_no, *rest)
 
-        monkeypatch.setattr(cls, "__call__", spy)
+        monkeypatch.setattr(cls, method, spy)
     caplog.set_level(logging.WARNING)
 
     def run():

@@ -62,7 +62,7 @@ def test_a_bad_callback_fails_before_any_stage_naming_it(tmp_path):
 
 def test_trainer_keys_of_pl_trainer_are_settable_without_plus(tmp_path):
     trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters)
-    for option in ("cpu", "gpu", "gpu_amp", "gpu_ddp", "default"):
+    for option in ("auto", "cpu", "gpu", "gpu_amp", "gpu_ddp", "default"):
         cfg = OmegaConf.load(REPO / "configs" / "trainer" / f"{option}.yaml")
         assert set(cfg) - {"_target_", "defaults"} <= trainer_args, option
     cfg = compose_config(

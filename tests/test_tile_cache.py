@@ -131,19 +131,19 @@ def test_a_killed_tile_stage_resumes_with_the_missing_shards(tmp_path, monkeypat
     monkeypatch.setattr(tiles_module, "QUADRATS_PER_SHARD", 2)
     images = _quadrats(tmp_path / "test")  # 7 files: shards of 2, 2, 2, 1
     backbone, features = _backbone(), ClsToken()
-    original = tiles_module.TileEmbedTask.__call__
+    original = tiles_module.TileEmbedTask.run
     calls = []
 
-    def dies_on_third_shard(self, shard_no, rows, progress):
-        calls.append(shard_no)
-        if shard_no == 2:
+    def dies_on_third_shard(self, loaded, progress):
+        calls.append(len(calls))
+        if len(calls) == 3:  # while shard 2 is on the device (shard 3 loading ahead)
             raise KeyboardInterrupt
-        return original(self, shard_no, rows, progress)
+        return original(self, loaded, progress)
 
-    monkeypatch.setattr(tiles_module.TileEmbedTask, "__call__", dies_on_third_shard)
+    monkeypatch.setattr(tiles_module.TileEmbedTask, "run", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         embed_test_tiles(images, tmp_path / "test", GridArgmax(2), backbone, features, tmp_path)
-    monkeypatch.setattr(tiles_module.TileEmbedTask, "__call__", original)
+    monkeypatch.setattr(tiles_module.TileEmbedTask, "run", original)
     counter = _CountingBackbone(backbone)
     stage, embedded = embed_test_tiles(
         images, tmp_path / "test", GridArgmax(2), backbone, features, tmp_path, batch_size=64

@@ -122,6 +122,11 @@ def require_positive(cfg: DictConfig, *keys: str) -> None:
             raise ConfigError(f"{key} must be a positive number, got {value!r}")
 
 
+def require_positive_or_auto(cfg: DictConfig, *keys: str) -> None:
+    """Batch sizes that may be `auto` (sized for the device when the run starts)."""
+    require_positive(cfg, *(key for key in keys if OmegaConf.select(cfg, key) != "auto"))
+
+
 SET_HINTS = {
     "dataset.root": "the dataset folder in its official layout (dataset.root=/path/to/data)",
     "backbone.name": "a timm model name (backbone.name=vit_base_patch14_dinov2.lvd142m)",

@@ -1,10 +1,15 @@
-"""Is the hardware a config asks for there? Checked before any work, in every pipeline:
-`require_accelerator(cfg.get("trainer"))`; `resolve_device("auto"|"cpu"|"cuda"|"cuda:1")` is
-the one rule for a plain torch device setting (`segmentation.device`, `--device`)."""
+"""Is the hardware a config asks for there, and where do the frozen forwards run? Checked before
+any work, in every pipeline: `require_accelerator(cfg.get("trainer"))`;
+`resolve_device("auto"|"cpu"|"cuda"|"cuda:1")` is the one rule for a plain torch device setting
+(`runtime.device`, `segmentation.device`, `--device`); `compute_from_config(cfg)` turns
+`runtime.device` and `embed.precision` into the `Compute` every torch stage outside a Lightning
+Trainer runs on; `trainer_for_device` makes `trainer=auto` follow the same rule."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vitlab.errors import ConfigError
@@ -108,3 +113,122 @@ def require_accelerator(trainer: Mapping[str, Any] | None, key: str = "trainer")
             f"{key}.devices={trainer.get('devices')} asks for {wanted} GPU(s) but {available} "
             f"visible; set {key}.devices={available} or fewer"
         )
+
+
+# ----------------------------------------------------------------------------- frozen forwards
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""`embed.precision`: autocast dtype of the frozen forwards (embed, tiles, backbone_classifier)."""
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how the frozen backbone forwards run (`runtime.device`, `embed.precision`).
+    `devices` holds one torch device name per worker: several on a node with several GPUs
+    (`runtime.device=auto`), the shards split between them."""
+
+    devices: tuple[str, ...] = ("cpu",)
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        if not self.devices:
+            raise ValueError("Compute needs at least one device")
+
+    @property
+    def device(self) -> torch.device:
+        """The first (or only) device: the one a single-device stage uses."""
+        import torch
+
+        return torch.device(self.devices[0])
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def on(self, device: str) -> Compute:
+        """The same settings on one device (a worker's share of a multi-device run)."""
+        return replace(self, devices=(str(device),))
+
+    def autocast(self) -> AbstractContextManager:
+        """Autocast to the precision's dtype on this device type (no-op for fp32). Autocast is
+        per thread: enter it in the thread that runs the forward."""
+        import torch
+
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def cache_params(self) -> dict[str, str]:
+        """What enters the embedding and tile cache keys: the precision, not the device (CPU
+        and GPU fp32 embeddings agree within the tolerance the README states). fp32 adds
+        nothing, so caches written before precision existed still hit."""
+        return {} if self.precision == "fp32" else {"precision": self.precision}
+
+    def record(self) -> dict[str, Any]:
+        """`summary.json` -> runtime: the devices actually used (with the GPU's name)."""
+        import torch
+
+        names = []
+        for name in self.devices:
+            device = torch.device(name)
+            if device.type == "cuda":
+                names.append(torch.cuda.get_device_name(device))
+        return {
+            "device": list(self.devices) if len(self.devices) > 1 else self.devices[0],
+            "gpu": names or None,
+            "embed_precision": self.precision,
+        }
+
+
+CPU = Compute()
+
+
+def resolve_devices(name: str | None = "auto") -> tuple[str, ...]:
+    """`runtime.device`: `auto` is every CUDA device torch sees (none: `cpu`); `cuda` is the
+    current one; `cuda:N` that one; `cpu`. ValueError as `resolve_device`."""
+    import torch
+
+    text = "auto" if name is None else str(name).strip().lower()
+    if text in ("auto", "") and torch.cuda.is_available():
+        return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    device = resolve_device(text)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return (str(device),)
+
+
+def compute_from_config(cfg: Mapping[str, Any]) -> Compute:
+    """`runtime.device` and `embed.precision` of a run config (either may be absent: auto,
+    fp32). ConfigError naming the key, before any stage."""
+    runtime = cfg.get("runtime") or {}
+    embed = cfg.get("embed") or {}
+    setting = runtime.get("device", "auto")
+    try:
+        devices = resolve_devices(setting)
+    except ValueError as err:
+        raise ConfigError(f"runtime.device={setting!r}: {err}") from err
+    precision = embed.get("precision", "fp32") or "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"embed.precision={precision!r} is not one of {list(PRECISIONS)}")
+    return Compute(devices, str(precision))
+
+
+def trainer_for_device(trainer: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """`trainer=auto` (accelerator `auto`) follows `runtime.device`: the CPU, or that one GPU.
+    `deterministic: true` becomes `warn` on a GPU (some CUDA kernels have no deterministic
+    version; Lightning would stop at the first). Any other trainer is returned unchanged."""
+    out = dict(trainer)
+    if str(out.get("accelerator", "")).lower() != "auto":
+        return out
+    if device.type == "cuda":
+        out["accelerator"] = "gpu"
+        out["devices"] = [device.index or 0]
+        if out.get("deterministic") is True:
+            out["deterministic"] = "warn"
+    else:
+        out["accelerator"] = device.type
+        out["devices"] = 1
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -19,7 +20,9 @@ _DONE = object()
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     """Iterate `items` in a background thread, `depth` items ahead. PIL decoding and pyarrow
     reads release the GIL, so the next batch is prepared while the model runs on this one.
-    An exception in the producer is re-raised in the consumer."""
+    The thread starts now, not at the first `next` (the local engine loads the next shard
+    while this one is on the device). An exception in the producer is re-raised in the
+    consumer."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -34,8 +37,11 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             return
         buffer.put(_DONE)
 
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
+    threading.Thread(target=produce, daemon=True, name="vitlab-prefetch").start()
+    return _consume(buffer, stop)
+
+
+def _consume(buffer: queue.Queue, stop: threading.Event) -> Iterator:
     try:
         while (item := buffer.get()) is not _DONE:
             if isinstance(item, BaseException):
@@ -43,6 +49,22 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        while not buffer.empty():  # unblock a producer waiting on a full buffer
+            buffer.get_nowait()
+
+
+def ordered_map(
+    fn: Callable[[T], object], items: Iterable[T], pool: ThreadPoolExecutor, ahead: int
+) -> Iterator:
+    """`fn` over `items` on `pool`, at most `ahead` calls in flight, results in order (a
+    lazy `pool.map`: a quadrat is decoded only shortly before it is needed)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def decode_uint8_batch(

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from vitlab.data.loading import prefetch
 from vitlab.data.segmentation import (
     SegmentationDatasetSpec,
     SegmentationSample,
@@ -188,35 +190,88 @@ def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
     return image.resize(size, Image.BILINEAR)
 
 
-def to_normalised_tensor(image: Image.Image) -> Tensor:
-    array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    return ((array - mean) / std).permute(2, 0, 1).contiguous()
+def to_normalised_tensor(image: Image.Image, device: torch.device | str = "cpu") -> Tensor:
+    """RGB image -> normalised [3, H, W] float tensor on `device`: the uint8 pixels cross to
+    the device (a quarter of the bytes of float32) and are normalised there."""
+    uint8 = torch.from_numpy(np.array(image.convert("RGB"))).to(device, non_blocking=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=uint8.device)
+    std = torch.tensor(IMAGENET_STD, device=uint8.device)
+    return ((uint8.float() / 255.0 - mean) / std).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class _Canvas:
+    """One image's sliding-window sums while its crops are in flight."""
+
+    key: Any
+    size: tuple[int, int]  # (H0, W0) of the original image
+    pending: int  # crops not yet added
+    total: Tensor | None = None  # [K, H, W] at the resized size
+    count: Tensor | None = None  # [1, H, W]
+
+
+def segment_batched(
+    model: GroupViT,
+    images: Iterable[tuple[Any, Image.Image]],
+    text: Tensor,
+    settings: SegmentationSettings,
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """(key, label map [H0, W0]) for each (key, image), in order. The crops of consecutive
+    images share batches of `crops_per_batch` (crops of one shape per batch), their scores
+    are summed on the model's device, and the host waits once per image (its label map), never
+    per crop."""
+    device = next(model.parameters()).device
+    crops: list[tuple[_Canvas, tuple[int, int, int, int], Tensor]] = []
+    canvases: deque[_Canvas] = deque()
+
+    def flush() -> None:
+        logits = crop_class_logits(model, torch.stack([c for _, _, c in crops]), text, settings)
+        for (canvas, (y1, y2, x1, x2), _), crop_out in zip(crops, logits):
+            if canvas.total is None:
+                canvas.total = torch.zeros(
+                    (logits.shape[1], *canvas.count.shape[1:]), device=device
+                )
+            canvas.total[:, y1:y2, x1:x2] += crop_out
+            canvas.count[:, y1:y2, x1:x2] += 1
+            canvas.pending -= 1
+        crops.clear()
+
+    def finished() -> Iterator[tuple[Any, np.ndarray]]:
+        while canvases and canvases[0].pending == 0:
+            canvas = canvases.popleft()
+            averaged = canvas.total / canvas.count
+            scores = F.interpolate(
+                averaged[None], canvas.size, mode="bilinear", align_corners=False
+            )
+            yield canvas.key, scores[0].argmax(dim=0).cpu().numpy()
+
+    for key, image in images:
+        resized = to_normalised_tensor(resize_short_side(image, settings.short_side), device)
+        _, height, width = resized.shape
+        boxes = crop_boxes(height, width, settings.crop, settings.stride)
+        canvas = _Canvas(key, (image.size[1], image.size[0]), len(boxes))
+        canvas.count = torch.zeros(1, height, width, device=device)
+        canvases.append(canvas)
+        for box in boxes:
+            y1, y2, x1, x2 = box
+            crop = resized[:, y1:y2, x1:x2]
+            if crops and crops[0][2].shape != crop.shape:
+                flush()
+            crops.append((canvas, box, crop))
+            if len(crops) == settings.crops_per_batch:
+                flush()
+        yield from finished()
+    if crops:
+        flush()
+    yield from finished()
 
 
 @torch.no_grad()
-def segment_logits(
-    model: GroupViT, image: Image.Image, text: Tensor, settings: SegmentationSettings
-) -> Tensor:
-    """[K, H0, W0] scores at the original image size (K = classes incl. background)."""
-    resized = to_normalised_tensor(resize_short_side(image, settings.short_side))
-    device = next(model.parameters()).device
-    averaged = sliding_window_average(
-        resized.to(device),
-        settings.crop,
-        settings.stride,
-        lambda crops: crop_class_logits(model, crops, text, settings),
-        settings.crops_per_batch,
-    )
-    size = (image.size[1], image.size[0])
-    return F.interpolate(averaged[None], size=size, mode="bilinear", align_corners=False)[0]
-
-
 def segment_image(
     model: GroupViT, image: Image.Image, text: Tensor, settings: SegmentationSettings
 ) -> np.ndarray:
     """Label map [H0, W0] (0 = background when the dataset has one)."""
-    return segment_logits(model, image, text, settings).argmax(dim=0).cpu().numpy()
+    return next(segment_batched(model, [(None, image)], text, settings))[1]
 
 
 # ----------------------------------------------------------------------------- dataset loop
@@ -281,9 +336,12 @@ def evaluate_zero_shot(
     all_background = ConfusionMatrixAccumulator(**spec.metric_kwargs())
     skipped: list[str] = []
     start = time.perf_counter()
-    images = labelled_images(samples, spec, desc or f"segment {spec.name}", skipped, reduce=False)
-    for sample, image, truth in images:
-        prediction = segment_image(model, image, text, settings)
+    images = prefetch(
+        labelled_images(samples, spec, desc or f"segment {spec.name}", skipped, reduce=False),
+        depth=8,
+    )
+    keyed = (((sample, image, truth), image) for sample, image, truth in images)
+    for (sample, image, truth), prediction in segment_batched(model, keyed, text, settings):
         accumulator.update(prediction, truth)
         if spec.has_background:
             all_background.update(np.zeros_like(prediction), truth)

@@ -28,6 +28,7 @@ from vitlab.config import (
 )
 from vitlab.console import print_config
 from vitlab.data.synthetic.markers import ForeignFolderError, is_complete, require_claimable
+from vitlab.devices import Compute, compute_from_config, trainer_for_device
 from vitlab.errors import ConfigError
 from vitlab.quiet import quiet_known_noise
 from vitlab.runtime import apply_threads, local_spark_master, resolve_threads, runtime_record
@@ -73,7 +74,10 @@ class RunContext:
             "task": job_type,
             "pipeline": cfg.get("pipeline"),
             "run_dir": str(self.run_dir),
-            "runtime": runtime_record(OmegaConf.select(cfg, "runtime.threads")),
+            "runtime": {
+                **runtime_record(OmegaConf.select(cfg, "runtime.threads")),
+                **run_compute(cfg).record(),
+            },
             **summary,
         }
         self.tracker = RunTracker(cfg.logger, self.run_dir, job_type, cfg)
@@ -124,12 +128,23 @@ def begin(cfg: DictConfig) -> None:
     set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
     threads = resolve_threads(OmegaConf.select(cfg, "runtime.threads"))
     apply_threads(threads)
+    run_compute(cfg)  # runtime.device / embed.precision: refused here, before any stage
     if threads is not None and OmegaConf.select(cfg, "engine.master"):
         with open_dict(cfg):
             cfg.engine.master = local_spark_master(cfg.engine.master, threads)
     if cfg.get("callbacks") and "fit" in cfg:  # a bad callbacks= node fails before any stage
         require_choice(cfg, "fit.mode", ("min", "max"))
         configured_callbacks(cfg, cfg.fit.monitor, cfg.fit.mode)
+
+
+def run_compute(cfg: DictConfig) -> Compute:
+    """Where this run's frozen forwards run (`runtime.device`, `embed.precision`)."""
+    return compute_from_config(cfg)
+
+
+def place_backbone(backbone: Any, compute: Compute) -> Any:
+    """The backbone on the run's (first) device, in eval mode (frozen)."""
+    return backbone.to(compute.device).eval()
 
 
 def ensure_generated(dataset: DictConfig, generate, spec_type, what: str) -> None:
@@ -175,8 +190,10 @@ def build_trainer(
         *configured_callbacks(cfg, monitor, mode),
         *callbacks,
     ]
+    # trainer=auto follows runtime.device; an explicit trainer=cpu|gpu|... is kept as it is
+    trainer = trainer_for_device(to_container(cfg.trainer), run_compute(cfg).device)
     return instantiate_node(
-        cfg.trainer,
+        trainer,
         "trainer",
         callbacks=all_callbacks,
         logger=run.tracker.loggers,

@@ -28,6 +28,7 @@ from vitlab.config import (
     instantiate_node,
     require_choice,
     require_positive,
+    require_positive_or_auto,
     require_set,
     to_container,
 )
@@ -75,6 +76,8 @@ from vitlab.pipelines.base import (
     check_resume,
     ensure_generated,
     numeric_metrics,
+    place_backbone,
+    run_compute,
 )
 from vitlab.reports import embedding_map_png, per_class_f1, poison_confusion
 from vitlab.safe_load import load_lightning_module
@@ -108,7 +111,8 @@ def validate_fungiclef(cfg: DictConfig) -> None:
     require_choice(cfg, "ensemble.average", AVERAGES)
     require_choice(cfg, "ensemble.tune_track", TUNE_TRACKS)
     require_choice(cfg, "fit.mode", ("min", "max"))
-    require_positive(cfg, "head.batch_size", "embed.batch_size")
+    require_positive(cfg, "head.batch_size")
+    require_positive_or_auto(cfg, "embed.batch_size")
     check_optimization(cfg)
     threshold = OmegaConf.select(cfg, "ensemble.open_set_threshold")
     if threshold not in (None, "tune") and (
@@ -262,7 +266,8 @@ def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> R
     begin(cfg)
     validate_fungiclef(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    backbone = build_backbone(cfg.backbone)
+    compute = run_compute(cfg)
+    backbone = place_backbone(build_backbone(cfg.backbone), compute)
     features = instantiate_node(cfg.features, "features")
     engine = instantiate_node(cfg.engine, "engine")
     prepare_params = PrepareParams.from_config(cfg.prepare)
@@ -324,7 +329,13 @@ def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> R
             )
         with run.stage("embed"):
             embedded = embed_prepared(
-                prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size, engine
+                prepared,
+                backbone,
+                features,
+                cfg.paths.cache_dir,
+                cfg.embed.batch_size,
+                engine,
+                compute,
             )
         summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
         summary["prepare_report"] = prepared.manifest.get("report", {})

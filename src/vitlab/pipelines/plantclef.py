@@ -22,6 +22,7 @@ from vitlab.config import (
     instantiate_node,
     require_choice,
     require_positive,
+    require_positive_or_auto,
     require_set,
     to_container,
 )
@@ -34,10 +35,11 @@ from vitlab.data.plantclef import (
     write_submission,
 )
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
-from vitlab.devices import require_accelerator
+from vitlab.devices import CPU, Compute, require_accelerator
 from vitlab.errors import ConfigError
 from vitlab.losses import LabelStats, check_loss_input
 from vitlab.metrics.plantclef import plantclef_scores
+from vitlab.models.features import ClsToken
 from vitlab.optim import check_optimization, follow_monitor
 from vitlab.pipelines.base import (
     Pipeline,
@@ -49,9 +51,11 @@ from vitlab.pipelines.base import (
     check_resume,
     ensure_generated,
     numeric_metrics,
+    place_backbone,
+    run_compute,
 )
 from vitlab.safe_load import load_lightning_module
-from vitlab.stages.embed import embed_prepared
+from vitlab.stages.embed import embed_prepared, forward_batch_size
 from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
 from vitlab.stages.predict import (
     TILE_FITS,
@@ -78,13 +82,9 @@ def validate(cfg: DictConfig) -> None:
     require_choice(cfg, "fit.mode", ("min", "max"))
     require_choice(cfg, "fit.loader", LOADERS)
     require_positive(
-        cfg,
-        "head.batch_size",
-        "embed.batch_size",
-        "predict.batch_size",
-        "predict.quadrats_per_batch",
-        "dataset.min_images_per_species",
+        cfg, "head.batch_size", "predict.quadrats_per_batch", "dataset.min_images_per_species"
     )
+    require_positive_or_auto(cfg, "embed.batch_size", "predict.batch_size")
     if cfg.logger and cfg.logger.get("wandb"):
         require_choice(cfg, "logger.wandb.mode", WANDB_MODES)
     seed = cfg.get("seed")
@@ -154,7 +154,8 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
     begin(cfg)
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    backbone = build_backbone(cfg.backbone)
+    compute = run_compute(cfg)
+    backbone = place_backbone(build_backbone(cfg.backbone), compute)
     features = instantiate_node(cfg.features, "features")
     strategy = instantiate_node(cfg.inference, "inference")
     engine = instantiate_node(cfg.engine, "engine")
@@ -186,7 +187,13 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
                 )
             with run.stage("embed"):
                 embedded = embed_prepared(
-                    prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size, engine
+                    prepared,
+                    backbone,
+                    features,
+                    cfg.paths.cache_dir,
+                    cfg.embed.batch_size,
+                    engine,
+                    compute,
                 )
             summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
             summary["prepare_report"] = prepared.manifest.get("report", {})
@@ -314,15 +321,19 @@ def _predict(
     """The test predictions; with a trained head, from the cached tile embeddings (`embed_tiles`
     computes only what the cache lacks), else every tile through the backbone's classifier."""
     tile_fit = cfg.predict.get("tile_fit", "center_crop")
+    compute = run_compute(cfg)
     if not isinstance(predictor, EmbeddingHeadPredictor):
+        # the classifier's forward is the backbone's: its [CLS] probe sizes `auto` batches
+        batch = forward_batch_size(cfg.predict.batch_size, predictor.backbone, ClsToken(), compute)
         with run.stage("predict"):
             result = predict_quadrats(
                 test_images,
                 strategy,
                 predictor,
-                cfg.predict.batch_size,
+                batch,
                 cfg.predict.quadrats_per_batch,
                 tile_fit,
+                compute,
             )
         return result, {}
     with run.stage("embed_tiles"):
@@ -337,6 +348,7 @@ def _predict(
             tile_fit,
             cfg.predict.batch_size,
             engine,
+            compute,
         )
     run.summary.setdefault("cache_keys", {})["tiles"] = tiles.key
     with run.stage("predict"):
@@ -366,9 +378,10 @@ def infer(cfg: DictConfig) -> RunSummary:
         ensure_dataset(dataset)  # before building the backbone
     test_images = check_plantclef_dataset(dataset, training=False).test_images
     if module is not None:
-        predictor: Predictor = head_predictor(module)
+        predictor: Predictor = head_predictor(module, run_compute(cfg))
     else:
-        predictor = BackboneClassifierPredictor(build_backbone(cfg.backbone))
+        backbone = place_backbone(build_backbone(cfg.backbone), run_compute(cfg))
+        predictor = BackboneClassifierPredictor(backbone)
     check_label_overlap(predictor.species_ids, dataset.get("test_ground_truth"), cfg)
     if dataset is not cfg.dataset:
         with open_dict(cfg):
@@ -382,7 +395,8 @@ def validate_infer(cfg: DictConfig) -> None:
     """infer.py's checks that need no work."""
     require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
     require_choice(cfg, "predictor", PREDICTORS)
-    require_positive(cfg, "predict.batch_size", "predict.quadrats_per_batch")
+    require_positive(cfg, "predict.quadrats_per_batch")
+    require_positive_or_auto(cfg, "predict.batch_size")
     require_choice(cfg, "predict.tile_fit", TILE_FITS)
 
 
@@ -411,9 +425,9 @@ def load_head_module(checkpoint: Path) -> EmbeddingClassifier:
     return module
 
 
-def head_predictor(module: EmbeddingClassifier) -> EmbeddingHeadPredictor:
+def head_predictor(module: EmbeddingClassifier, compute: Compute = CPU) -> EmbeddingHeadPredictor:
     context = module.hparams.context or {}
-    backbone = build_backbone(context["backbone"], "checkpoint backbone")
+    backbone = place_backbone(build_backbone(context["backbone"], "checkpoint backbone"), compute)
     features = instantiate_node(OmegaConf.create(context["features"]), "checkpoint features")
     return EmbeddingHeadPredictor(backbone, features, module.head, module.species_ids)
 

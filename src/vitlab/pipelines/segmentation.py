@@ -59,10 +59,21 @@ def segmentation_settings(
             bg_threshold=float(spec.bg_threshold if threshold is None else threshold),
             top_k=int(seg_cfg.top_k),
             has_background=spec.has_background,
-            crops_per_batch=int(seg_cfg.crops_per_batch),
+            crops_per_batch=crops_per_batch(seg_cfg),
         )
     except ValueError as err:
         raise ConfigError(f"segmentation: {err}") from err
+
+
+# `segmentation.crops_per_batch=auto`: what keeps a GPU busy at 448 px; small on the CPU
+AUTO_CROPS_PER_BATCH = {"cuda": 32, "cpu": 4}
+
+
+def crops_per_batch(seg_cfg: DictConfig) -> int:
+    value = seg_cfg.crops_per_batch
+    if value == "auto":
+        return AUTO_CROPS_PER_BATCH.get(device_of(seg_cfg).type, 4)
+    return int(value)
 
 
 def load_segmentation_model(cfg: DictConfig) -> GroupViT:
@@ -88,8 +99,13 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
 
 
 def segmentation_device(cfg: DictConfig) -> torch.device:
+    return device_of(cfg.segmentation)
+
+
+def device_of(seg_cfg: DictConfig) -> torch.device:
+    """`segmentation.device`: follows `runtime.device` unless set (the older key)."""
     try:
-        return resolve_device(cfg.segmentation.get("device", "auto"))
+        return resolve_device(seg_cfg.get("device", "auto"))
     except ValueError as err:
         raise ConfigError(f"segmentation.device: {err}") from err
 

@@ -21,6 +21,7 @@ from PIL import Image
 from vitlab.data.images import CorruptImageError, center_crop_resize, decode_image, to_uint8_array
 from vitlab.data.loading import chunks, prefetch
 from vitlab.data.plantclef import plot_id_of
+from vitlab.devices import CPU, Compute
 from vitlab.errors import ConfigError
 from vitlab.models.backbones import Backbone, preprocess_batch
 from vitlab.progress import progress
@@ -61,7 +62,8 @@ class EmbeddingHeadPredictor:
     @torch.inference_mode()
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         vectors = embed_pixels(self.backbone, self.features, pixels)
-        return torch.softmax(self.head(vectors.float()), dim=-1)
+        device = next(self.head.parameters(), vectors).device  # the head may stay on the CPU
+        return torch.softmax(self.head(vectors.float().to(device)), dim=-1)
 
 
 @dataclass
@@ -147,6 +149,15 @@ def cut_tiles(
     return QuadratTiles(plot_id, np.stack(tiles))
 
 
+def tile_probabilities(predictor: Predictor, tiles: np.ndarray, compute: Compute) -> np.ndarray:
+    """(N, S, S, 3) uint8 tiles -> (N, classes) probabilities: the uint8 tiles go to the
+    device, are normalised there and forwarded under the run's precision."""
+    uint8 = torch.from_numpy(np.ascontiguousarray(tiles)).to(compute.device)
+    with compute.autocast():
+        probs = predictor.probabilities(preprocess_batch(uint8, predictor.backbone.input_spec))
+    return probs.float().cpu().numpy()
+
+
 @dataclass
 class PredictionResult:
     predictions: dict[str, list[int]]
@@ -171,10 +182,12 @@ def predict_quadrats(
     batch_size: int = 64,
     quadrats_per_batch: int = 4,
     tile_fit: str = "center_crop",
+    compute: Compute = CPU,
 ) -> PredictionResult:
     """Plot id -> predicted species ids for every quadrat. A corrupt quadrat, or one too small
     for the strategy's grid, is reported (with its file) and gets an empty prediction (so it
-    scores 0 rather than vanishing from the submission)."""
+    scores 0 rather than vanishing from the submission). The predictor's backbone is on
+    `compute.device`; its forwards run under `compute`'s precision."""
     check_tile_fit(tile_fit)
     size = predictor.backbone.input_spec.size
     fill = mean_colour(predictor.backbone)
@@ -198,9 +211,7 @@ def predict_quadrats(
             tiles = np.concatenate([q.tiles for q in readable])
             probs = np.concatenate(
                 [
-                    predictor.probabilities(
-                        preprocess_batch(batch, predictor.backbone.input_spec)
-                    ).numpy()
+                    tile_probabilities(predictor, batch, compute)
                     for batch in chunks(tiles, batch_size)
                 ]
             )

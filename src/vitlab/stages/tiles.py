@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,20 @@ import pyarrow as pa
 import torch
 
 from vitlab.cache import content_key, files_fingerprint
-from vitlab.data.loading import prefetch
+from vitlab.data.loading import ordered_map, prefetch
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings, embeddings_to_arrow
+from vitlab.devices import CPU, Compute
 from vitlab.engines.local import LocalEngine
 from vitlab.models.backbones import Backbone
-from vitlab.stages.embed import FeatureReducer, LiveBackbone, embed_batches, feature_dim
+from vitlab.stages.embed import (
+    FeatureReducer,
+    LiveBackbone,
+    embed_batches,
+    feature_dim,
+    forward_batch_size,
+    loader_workers,
+    stage_batch,
+)
 from vitlab.stages.predict import (
     PredictionResult,
     Strategy,
@@ -60,7 +70,9 @@ def tiles_key(
     tile_fit: str,
     backbone: Backbone,
     features: FeatureReducer,
+    compute: Compute = CPU,
 ) -> str:
+    extra = [compute.cache_params()] if compute.cache_params() else []
     return content_key(
         "tiles-v1",
         files_fingerprint(images, root),
@@ -68,6 +80,7 @@ def tiles_key(
         tile_fit,
         backbone.identity(),
         features.params(),
+        *extra,
     )
 
 
@@ -83,16 +96,36 @@ class TileEmbedTask(LiveBackbone):
     tile_fit: str
     batch_size: int
     backbone: Backbone | None = field(default=None, repr=False)
+    compute: Compute = CPU
 
     def __call__(
         self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
     ) -> tuple[pa.Table, dict[str, Any]]:
-        backbone = self.live_backbone()
+        return self.run(self.load(shard_no, rows), progress)
+
+    def load(self, shard_no: int, rows: pd.DataFrame) -> Iterator[Any]:
+        """The shard's quadrat paths, then each quadrat's tiles, decoded and cut by a pool of
+        loader threads a few quadrats ahead, in a background thread."""
+        backbone = self.live_backbone()  # here, not in the loader: built once, on this thread
         size, fill = backbone.input_spec.size, mean_colour(backbone)
-        paths = [Path(p) for p in rows["image"]]
-        quadrats = prefetch(
-            (cut_tiles(p, self.strategy, size, self.tile_fit, fill) for p in paths), depth=4
-        )
+        return prefetch(self._cut([Path(p) for p in rows["image"]], size, fill), depth=8)
+
+    def _cut(self, paths: list[Path], size: int, fill: tuple[int, int, int]) -> Iterator[Any]:
+        yield paths
+        workers = loader_workers(self.compute)
+
+        def cut(path: Path) -> Any:
+            return cut_tiles(path, self.strategy, size, self.tile_fit, fill)
+
+        with ThreadPoolExecutor(workers, "vitlab-tiles") as pool:
+            yield from ordered_map(cut, paths, pool, ahead=2 * workers)
+
+    def run(
+        self, loaded: Iterator[Any], progress: Callable[[int], Any] | None
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        backbone = self.live_backbone()
+        paths = next(loaded)
+        quadrats = loaded
         names: list[str] = []
         plots: list[str] = []
         tile_numbers: list[int] = []
@@ -117,13 +150,13 @@ class TileEmbedTask(LiveBackbone):
                     errors.extend([None] * count)
                     pending.append(quadrat.tiles)
                     pending, full = _full_batches(pending, self.batch_size)
-                    yield from full
+                    yield from (stage_batch(batch, self.compute) for batch in full)
                 if progress:
                     progress(1)
             if pending:
-                yield np.concatenate(pending)
+                yield stage_batch(np.concatenate(pending), self.compute)
 
-        vectors = list(embed_batches(backbone, self.features, tile_batches()))
+        vectors = list(embed_batches(backbone, self.features, tile_batches(), self.compute))
         is_tile = np.asarray(tile_numbers, dtype=np.int64) != SKIPPED_TILE
         dim = vectors[0].shape[1] if vectors else feature_dim(backbone, self.features)
         embeddings = np.zeros((len(names), dim), np.float32)  # skipped quadrats' rows: zeros
@@ -163,16 +196,17 @@ def embed_test_tiles(
     features: FeatureReducer,
     cache_dir: str | Path,
     tile_fit: str = "center_crop",
-    batch_size: int = 64,
+    batch_size: int | str = 64,
     engine: Any = None,
+    compute: Compute = CPU,
 ) -> tuple[ShardedStage, int]:
     """The cached tile embeddings of `images` (files under `root`), and how many quadrats this
-    call pushed through the backbone (0 on a cache hit)."""
+    call pushed through the backbone (0 on a cache hit). The backbone is on `compute.device`."""
     check_tile_fit(tile_fit)
     engine = engine or LocalEngine()
     root = Path(root)
     images = list(images)
-    key = tiles_key(images, root, strategy, tile_fit, backbone, features)
+    key = tiles_key(images, root, strategy, tile_fit, backbone, features, compute)
     params = {
         "quadrats": len(images),
         "root": str(root),
@@ -180,6 +214,7 @@ def embed_test_tiles(
         "tile_fit": tile_fit,
         "backbone": backbone.identity(),
         "features": features.params(),
+        **compute.cache_params(),
     }
     stage = ShardedStage(Path(cache_dir) / "tiles" / key, key, params)
     stage.verify(checksum=True)
@@ -194,6 +229,7 @@ def embed_test_tiles(
     if len(work):
         if engine.name != "local" and backbone.build_args is None:
             raise ValueError("engine=spark needs a backbone made by create_backbone")
+        batch_size = forward_batch_size(batch_size, backbone, features, compute)
         task = TileEmbedTask(
             str(root),
             backbone.build_args or {},
@@ -202,6 +238,7 @@ def embed_test_tiles(
             tile_fit,
             batch_size,
             backbone=backbone,
+            compute=compute,
         )
         engine.map_shards(stage, work, task, f"embed tiles ({strategy.name})", len(work))
     stage.finish({"quadrats": len(images), "engine": engine.name})
