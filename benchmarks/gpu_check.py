@@ -211,7 +211,14 @@ def cosines(a: np.ndarray, b: np.ndarray) -> dict:
     return {"min": round(float(c.min()), 6), "median": round(float(np.median(c)), 6)}
 
 
-def check_embedding(model: Model, device: torch.device, work: Path, log: Log, repeats: int):
+def check_embedding(
+    model: Model,
+    device: torch.device,
+    work: Path,
+    log: Log,
+    repeats: int,
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+):
     backbone = create_backbone(
         "timm",
         name=model.timm_name,
@@ -225,6 +232,8 @@ def check_embedding(model: Model, device: torch.device, work: Path, log: Log, re
     strategy = GridArgmax(3)
     kept: dict[str, np.ndarray] = {}
     for precision, n in model.images.items():
+        if precision not in precisions:
+            continue
         compute = Compute((str(device),), precision)
         subset = prepared_subset(prepared, n, work)
         quads = quadrats[: max(1, n // 9)]
@@ -459,7 +468,7 @@ def run_tests(workers: int, log: Log, seconds: float) -> int:
         sys.executable,
         "-m",
         "pytest",
-        "-q",
+        "-v",
         "-p",
         "no:cacheprovider",
         f"-n{workers}",
@@ -483,7 +492,8 @@ def run_tests(workers: int, log: Log, seconds: float) -> int:
             ).returncode
         except subprocess.TimeoutExpired:
             rc = 124
-    for line in path.read_text(errors="replace").splitlines()[-30:]:
+    lines = path.read_text(errors="replace").splitlines()
+    for line in [x for x in lines if "FAILED" in x or "ERROR" in x][:20] + lines[-6:]:
         log.line(line)
     log.put("pytest_rc", rc)
     return rc
@@ -497,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", type=int, default=0, help="pytest-xdist workers (0: no tests)")
     parser.add_argument("--deadline", type=float, default=540, help="s for everything")
     parser.add_argument("--only", default="embed,decode,segmentation,step")
+    parser.add_argument("--precisions", default="fp32,bf16", help="of the embed section")
     args = parser.parse_args(argv)
     log = Log(args.out)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -518,13 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     work = Path(tempfile.mkdtemp(prefix="vitlab-gpu-check-"))
     only = set(args.only.split(","))
+    precisions = tuple(args.precisions.split(","))
     started = time.perf_counter()
     try:
         for section, run in (
             (
                 "embed",
                 lambda: [
-                    check_embedding(m, device, work, log, args.repeats)
+                    check_embedding(m, device, work, log, args.repeats, precisions)
                     for m in (QUICK if args.quick else FULL)
                 ],
             ),

@@ -235,3 +235,167 @@ def test_two_gpus_give_the_one_gpu_result(tiny_plantclef, tmp_path):
         compute=Compute(("cuda:0", "cuda:1")),
     )
     np.testing.assert_allclose(_embeddings(one), _embeddings(two), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU decoding
+# The GPU loader path (nvJPEG + tiles cut by torch) is exercised here on the CPU: the same
+# functions with CPU tensors, `decode_on_device` forced on.
+
+
+def _jpeg(rng, width, height) -> bytes:
+    import io
+
+    from PIL import Image
+
+    coarse = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def test_the_device_decoder_reads_jpegs_and_leaves_the_rest_to_the_cpu():
+    from vitlab.data.device_images import decode_jpegs, stack_same_size
+    from vitlab.data.images import decode_rgb_array
+
+    rng = np.random.default_rng(0)
+    blobs = [_jpeg(rng, 40, 30) for _ in range(3)]
+    decoded = decode_jpegs(blobs, torch.device("cpu"))
+    batch = stack_same_size(decoded)
+    assert batch.shape == (3, 30, 40, 3) and batch.dtype == torch.uint8
+    for blob, image in zip(blobs, batch):
+        np.testing.assert_array_equal(image.numpy(), decode_rgb_array(blob))
+    assert decode_jpegs([*blobs, b"\x89PNG not a jpeg"], torch.device("cpu")) is None
+    assert decode_jpegs([b"\xff\xd8 truncated"], torch.device("cpu")) is None
+    assert stack_same_size([decoded[0], decode_jpegs([_jpeg(rng, 8, 8)], "cpu")[0]]) is None
+
+
+@pytest.mark.parametrize("how", ["center_crop", "resize", "pad"])
+def test_tiles_cut_by_torch_match_the_pil_ones(how):
+    from PIL import Image
+
+    from vitlab.data import device_images
+    from vitlab.stages.predict import fit_tile
+
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    box = np.array(Image.fromarray(coarse).resize((71, 45), Image.BICUBIC))
+    fill = (124, 116, 104)
+    expected = np.asarray(fit_tile(Image.fromarray(box), 32, how, fill), dtype=np.int16)
+    chw = torch.from_numpy(box).permute(2, 0, 1).contiguous()
+    got = device_images.fit_tile(chw, 32, how, fill).permute(1, 2, 0).numpy().astype(np.int16)
+    assert got.shape == expected.shape == (32, 32, 3)
+    difference = np.abs(got - expected)
+    assert difference.mean() < 1.0 and difference.max() <= 8  # antialiased bicubic, both
+
+
+def test_the_gpu_loader_path_gives_the_cpu_paths_rows(tmp_path, monkeypatch):
+    """The tile stage with the device decoder (forced on, CPU tensors): the same rows, the
+    same skipped quadrats with their reasons, embeddings within the stated tolerance."""
+    import vitlab.stages.tiles as tiles_module
+    from tests.test_tile_cache import _quadrats
+    from vitlab.data import device_images
+    from vitlab.inference.plantclef import GridArgmax
+    from vitlab.stages.tiles import embed_test_tiles
+
+    images = _quadrats(tmp_path / "test")
+    backbone = create_backbone(
+        "timm",
+        name="vit_tiny_patch16_224",
+        model_kwargs={"img_size": 32, "depth": 1},
+        input_size=32,
+    )
+    cpu_stage, _ = embed_test_tiles(
+        images, tmp_path / "test", GridArgmax(2), backbone, ClsToken(), tmp_path / "a"
+    )
+    monkeypatch.setattr(Compute, "decode_on_device", property(lambda self: True))
+    monkeypatch.setattr(tiles_module, "QUADRATS_PER_DECODE", 2)  # JPEG-only and mixed groups
+    cut_on_device = []
+    original = device_images.cut_tiles
+    monkeypatch.setattr(
+        device_images, "cut_tiles", lambda *a: cut_on_device.append(1) or original(*a)
+    )
+    gpu_stage, _ = embed_test_tiles(
+        images, tmp_path / "test", GridArgmax(2), backbone, ClsToken(), tmp_path / "b"
+    )
+    a, b = cpu_stage.read_table(), gpu_stage.read_table()
+    for column in ("image", "plot_id", "tile", "error"):
+        assert a.column(column).to_pylist() == b.column(column).to_pylist()
+    assert sum(e is not None for e in a.column("error").to_pylist()) == 1  # broken.jpg
+    assert len(cut_on_device) == 4  # plot1-4: two JPEG-only groups; the others on the CPU
+    x, y = _embeddings_of(a), _embeddings_of(b)
+    keep = np.linalg.norm(x, axis=1) > 0
+    cosine = (x[keep] * y[keep]).sum(1) / np.linalg.norm(x[keep], axis=1)
+    assert (cosine / np.linalg.norm(y[keep], axis=1)).min() > 0.99
+
+
+def _embeddings_of(table) -> np.ndarray:
+    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def test_decode_settings_are_checked():
+    with pytest.raises(ConfigError, match="embed.decode='gpu'"):
+        compute_from_config({"runtime": {"device": "cpu"}, "embed": {"decode": "gpu"}})
+    with pytest.raises(ConfigError, match="embed.decode=device needs a CUDA device"):
+        compute_from_config({"runtime": {"device": "cpu"}, "embed": {"decode": "device"}})
+    assert not compute_from_config({"runtime": {"device": "cpu"}}).decode_on_device
+    assert (
+        Compute(("cuda:0",)).decode_on_device
+        and not Compute(("cuda:0",), decode="cpu").decode_on_device
+    )
+
+
+def test_the_embed_loader_on_the_device_decoder_gives_the_cpu_embeddings(
+    tiny_plantclef, tmp_path, monkeypatch
+):
+    prepared = _prepared(tiny_plantclef, tmp_path / "cache")
+    backbone = create_backbone("timm", **TINY)
+    cpu = embed_prepared(prepared, backbone, ClsToken(), tmp_path / "a", 16)
+    monkeypatch.setattr(Compute, "decode_on_device", property(lambda self: True))
+    decoded = embed_prepared(prepared, backbone, ClsToken(), tmp_path / "b", 16)
+    # on the CPU both decoders are libjpeg-turbo: the very same pixels
+    np.testing.assert_array_equal(_embeddings(cpu), _embeddings(decoded))
+
+
+@gpu
+def test_segmentation_on_the_gpu_matches_the_cpu(tmp_path):
+    """Stated tolerance: with TF32 off, >= 99.5% of pixels get the CPU's label."""
+    from vitlab.data.segmentation import DATASETS, dataset_samples
+    from vitlab.data.synthetic.coco_captions import (
+        CocoCaptionsSyntheticSpec,
+        generate_coco_captions,
+    )
+    from vitlab.inference.segmentation import (
+        SegmentationSettings,
+        class_text_embeddings,
+        evaluate_zero_shot,
+    )
+    from vitlab.models.groupvit.model import GroupViT, tiny_spec
+
+    data = generate_coco_captions(
+        tmp_path, CocoCaptionsSyntheticSpec(seed=3, n_train=2, n_val=6, image_size=48)
+    )
+    spec = DATASETS["synthetic_voc"]
+    samples = dataset_samples("synthetic_voc", data / "VOCdevkit" / "VOC2012", "val")
+    settings = SegmentationSettings(short_side=48, crop=48, stride=24, crops_per_batch=8)
+    torch.manual_seed(0)
+    model = GroupViT(tiny_spec()).eval()
+    predictions: dict[str, list] = {"cpu": [], "cuda": []}
+    allow = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for where in predictions:
+            model = model.to(where)
+            text = class_text_embeddings(model, spec.prompt_names)
+            evaluate_zero_shot(
+                model,
+                spec,
+                samples,
+                text,
+                settings,
+                on_sample=lambda s, i, pred, t, w=where: predictions[w].append(pred),
+            )
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow
+    same = [(a == b).mean() for a, b in zip(predictions["cpu"], predictions["cuda"])]
+    assert len(same) == len(samples) and min(same) >= 0.995

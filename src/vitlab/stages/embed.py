@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vitlab.cache import content_key
+from vitlab.data.device_images import decode_jpegs, stack_same_size
 from vitlab.data.loading import chunks, decode_uint8_batch, prefetch
 from vitlab.data.shards import ShardedStage, embeddings_to_arrow, shard_name
 from vitlab.devices import CPU, Compute
@@ -154,12 +155,47 @@ def _finished(item: tuple[torch.Tensor, Any, Any]) -> np.ndarray:
     return out.numpy()
 
 
-def stage_batch(images: np.ndarray, compute: Compute) -> np.ndarray | torch.Tensor:
+def stage_batch(images: np.ndarray | torch.Tensor, compute: Compute) -> np.ndarray | torch.Tensor:
     """A decoded batch as the device wants it: in page-locked memory for a CUDA device (a
-    non-blocking copy needs it), as it is for the CPU. Called in the loader thread."""
-    if compute.device.type == "cuda":
+    non-blocking copy needs it), as it is for the CPU or when it is on the device already.
+    Called in the loader thread."""
+    if isinstance(images, np.ndarray) and compute.device.type == "cuda":
         return torch.from_numpy(images).pin_memory()
     return images
+
+
+def decode_batch(
+    blobs: Sequence[bytes], names: Sequence[str], pool: ThreadPoolExecutor, compute: Compute
+) -> np.ndarray | torch.Tensor:
+    """Same-size encoded images -> one (N, H, W, 3) uint8 batch: decoded by nvJPEG on the GPU
+    when `compute.decode_on_device` (the loader's stream is synchronised, so the batch is
+    ready when handed over), else on the CPU pool (and pinned for a GPU). A batch the GPU
+    cannot decode (raw pixels, a PNG, a corrupt file) takes the CPU path, which names the
+    culprit."""
+    if compute.decode_on_device:
+        decoded = decode_jpegs(blobs, compute.device)
+        batch = stack_same_size(decoded) if decoded is not None else None
+        if batch is not None:
+            synchronize_loader(compute.device)
+            return batch
+    return stage_batch(decode_uint8_batch(blobs, names, pool), compute)
+
+
+@contextmanager
+def loader_stream(compute: Compute) -> Iterator[None]:
+    """A CUDA stream of its own for a loader thread that decodes on the GPU (its work overlaps
+    the forwards on the default stream); nothing otherwise."""
+    if not (compute.decode_on_device and compute.device.type == "cuda"):
+        yield
+        return
+    with torch.cuda.stream(torch.cuda.Stream(compute.device)):
+        yield
+
+
+def synchronize_loader(device: torch.device) -> None:
+    """Wait (in the loader thread) until its stream's decoding is done on `device`."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def loader_workers(compute: Compute) -> int:
@@ -304,9 +340,12 @@ class EmbedShardTask(LiveBackbone):
         yield table.drop_columns(["image"])
         names = table.column("image_name").to_pylist()
         blobs = table.column("image").to_pylist()
-        with ThreadPoolExecutor(loader_workers(self.compute), "vitlab-decode") as pool:
+        with (
+            ThreadPoolExecutor(loader_workers(self.compute), "vitlab-decode") as pool,
+            loader_stream(self.compute),
+        ):
             for n, b in zip(chunks(names, self.batch_size), chunks(blobs, self.batch_size)):
-                yield stage_batch(decode_uint8_batch(b, n, pool), self.compute)
+                yield decode_batch(b, n, pool, self.compute)
 
     def run(
         self, loaded: Iterator[Any], progress: Callable[[int], Any] | None

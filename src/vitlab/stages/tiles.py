@@ -29,7 +29,9 @@ import pyarrow as pa
 import torch
 
 from vitlab.cache import content_key, files_fingerprint
-from vitlab.data.loading import ordered_map, prefetch
+from vitlab.data import device_images
+from vitlab.data.loading import chunks, ordered_map, prefetch
+from vitlab.data.plantclef import plot_id_of
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings, embeddings_to_arrow
 from vitlab.devices import CPU, Compute
 from vitlab.engines.local import LocalEngine
@@ -40,11 +42,14 @@ from vitlab.stages.embed import (
     embed_batches,
     feature_dim,
     forward_batch_size,
+    loader_stream,
     loader_workers,
     stage_batch,
+    synchronize_loader,
 )
 from vitlab.stages.predict import (
     PredictionResult,
+    QuadratTiles,
     Strategy,
     check_tile_fit,
     cut_tiles,
@@ -54,6 +59,7 @@ from vitlab.stages.predict import (
 log = logging.getLogger(__name__)
 QUADRATS_PER_SHARD = 64  # resume granularity: ~576 grid tiles, seconds to minutes of backbone
 SKIPPED_TILE = -1  # the `tile` of a quadrat's row that records why it has no tiles
+QUADRATS_PER_DECODE = 8  # quadrats per nvJPEG call when the GPU decodes (embed.decode)
 
 
 def box_params(strategy: Strategy) -> Any:
@@ -113,12 +119,45 @@ class TileEmbedTask(LiveBackbone):
     def _cut(self, paths: list[Path], size: int, fill: tuple[int, int, int]) -> Iterator[Any]:
         yield paths
         workers = loader_workers(self.compute)
+        if self.compute.decode_on_device:  # files read by the pool, decoded and cut on the GPU
+            groups = list(chunks(paths, QUADRATS_PER_DECODE))
+            with ThreadPoolExecutor(workers, "vitlab-read") as pool, loader_stream(self.compute):
+                for group, blobs in zip(groups, ordered_map(read_files, groups, pool, ahead=4)):
+                    yield from self._cut_on_device(group, blobs, size, fill)
+            return
 
         def cut(path: Path) -> Any:
             return cut_tiles(path, self.strategy, size, self.tile_fit, fill)
 
         with ThreadPoolExecutor(workers, "vitlab-tiles") as pool:
             yield from ordered_map(cut, paths, pool, ahead=2 * workers)
+
+    def _cut_on_device(
+        self, paths: list[Path], blobs: list[bytes], size: int, fill: tuple[int, int, int]
+    ) -> Iterator[QuadratTiles]:
+        """Quadrats decoded in one nvJPEG call and cut on the GPU (the loader's stream is
+        synchronised before they are handed over); a group nvJPEG cannot decode (a PNG, a
+        corrupt file) is cut on the CPU, quadrat by quadrat, which names the culprit."""
+        device = self.compute.device
+        decoded = device_images.decode_jpegs(blobs, device)
+        if decoded is None:
+            for path in paths:
+                quadrat = cut_tiles(path, self.strategy, size, self.tile_fit, fill)
+                if quadrat.tiles is not None:
+                    quadrat.tiles = torch.from_numpy(quadrat.tiles).to(device)
+                yield quadrat
+            return
+        cut: list[QuadratTiles] = []
+        for path, image in zip(paths, decoded):
+            try:
+                boxes = self.strategy.boxes(int(image.shape[2]), int(image.shape[1]))
+            except ValueError as err:  # e.g. fewer pixels than grid cells
+                cut.append(QuadratTiles(plot_id_of(path), None, f"{path}: {err}"))
+                continue
+            tiles = device_images.cut_tiles(image, boxes, size, self.tile_fit, fill)
+            cut.append(QuadratTiles(plot_id_of(path), tiles))
+        synchronize_loader(device)
+        yield from cut
 
     def run(
         self, loaded: Iterator[Any], progress: Callable[[int], Any] | None
@@ -154,7 +193,7 @@ class TileEmbedTask(LiveBackbone):
                 if progress:
                     progress(1)
             if pending:
-                yield stage_batch(np.concatenate(pending), self.compute)
+                yield stage_batch(_concat(pending), self.compute)
 
         vectors = list(embed_batches(backbone, self.features, tile_batches(), self.compute))
         is_tile = np.asarray(tile_numbers, dtype=np.int64) != SKIPPED_TILE
@@ -174,15 +213,24 @@ class TileEmbedTask(LiveBackbone):
         return table, {"quadrats": len(paths), "tiles": int(is_tile.sum())}
 
 
-def _full_batches(
-    pending: list[np.ndarray], batch_size: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def read_files(paths: Sequence[Path]) -> list[bytes]:
+    return [path.read_bytes() for path in paths]
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Tiles of several quadrats in one array: numpy on the CPU path, a tensor on the GPU's."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
+def _full_batches(pending: list[Any], batch_size: int) -> tuple[list[Any], list[Any]]:
     """The leftover tiles and as many whole batches of `batch_size` as `pending` holds, in
     order."""
     total = sum(len(t) for t in pending)
     if total < batch_size:
         return pending, []
-    tiles = np.concatenate(pending) if len(pending) > 1 else pending[0]
+    tiles = _concat(pending)
     whole = total // batch_size * batch_size
     full = [tiles[start : start + batch_size] for start in range(0, whole, batch_size)]
     return ([tiles[whole:]] if whole < total else []), full
