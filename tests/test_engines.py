@@ -134,7 +134,14 @@ def test_sigkill_during_embed_then_rerun_finishes_only_the_rest(
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(tiny_plantclef), str(cache)],
         cwd=repo,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "src")])},
+        # the repo first, then whatever the environment already puts on the path (a GPU node
+        # carries its missing packages there)
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(repo), str(repo / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        },
     )
     deadline = time.time() + 120
     manifest = None

@@ -14,6 +14,7 @@ caller falls back to the CPU path, which decodes what it can and names the culpr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,45 +50,89 @@ def stack_same_size(images: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 
 def resize_uint8(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(3, h, w) uint8 -> (3, height, width) uint8, antialiased bicubic (PIL's BICUBIC)."""
+    """(..., 3, h, w) uint8 -> (..., 3, height, width) uint8, antialiased bicubic (PIL's
+    BICUBIC); a batch of crops in one call."""
     if chw.shape[-2:] == (height, width):
         return chw
+    batch = chw if chw.ndim == 4 else chw[None]
     pixels = F.interpolate(
-        chw[None].float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
+        batch.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
     )
-    return pixels[0].round_().clamp_(0, 255).to(torch.uint8)
+    out = pixels.round_().clamp_(0, 255).to(torch.uint8)
+    return out if chw.ndim == 4 else out[0]
 
 
-def fit_tile(chw: torch.Tensor, size: int, how: str, fill: tuple[int, int, int]) -> torch.Tensor:
-    """One box (3, h, w) -> (3, size, size) as `stages.predict.fit_tile` does on the CPU:
-    center_crop (largest centred square), resize (squeezed), pad (fitted, mean-colour bars)."""
-    _, height, width = chw.shape
+@dataclass(frozen=True)
+class _Plan:
+    """How one box becomes a tile: `crop` of the box resized to (height, width), placed at
+    (top, left) of a size x size canvas filled with the mean colour (pad only)."""
+
+    crop: torch.Tensor
+    height: int
+    width: int
+    top: int = 0
+    left: int = 0
+
+
+def _plan(box: torch.Tensor, size: int, how: str) -> _Plan:
+    """`stages.predict.fit_tile`'s rule for one (3, h, w) box: center_crop (largest centred
+    square), resize (squeezed), pad (fitted inside, mean-colour bars)."""
+    _, height, width = box.shape
     if how == "center_crop":
         side = min(width, height)
         top, left = (height - side) // 2, (width - side) // 2
-        return resize_uint8(chw[:, top : top + side, left : left + side], size, size)
+        return _Plan(box[:, top : top + side, left : left + side], size, size)
     if how == "resize":
-        return resize_uint8(chw, size, size)
+        return _Plan(box, size, size)
     scale = size / max(width, height)
     inner_w, inner_h = max(1, round(width * scale)), max(1, round(height * scale))
-    canvas = torch.tensor(fill, dtype=torch.uint8, device=chw.device).view(3, 1, 1)
-    canvas = canvas.expand(3, size, size).clone()
-    top, left = (size - inner_h) // 2, (size - inner_w) // 2
-    canvas[:, top : top + inner_h, left : left + inner_w] = resize_uint8(chw, inner_h, inner_w)
-    return canvas
+    return _Plan(box, inner_h, inner_w, (size - inner_h) // 2, (size - inner_w) // 2)
+
+
+def fit_tiles(
+    boxes: Sequence[torch.Tensor], size: int, how: str, fill: tuple[int, int, int]
+) -> list[torch.Tensor]:
+    """(3, h, w) uint8 boxes -> (3, size, size) uint8 tiles, as `stages.predict.fit_tile` does
+    on the CPU. Boxes whose crops share a shape (a grid's, across quadrats of one size) are
+    resized in one call: a few kernels per group of quadrats, not several per tile."""
+    plans = [_plan(box, size, how) for box in boxes]
+    groups: dict[tuple, list[int]] = {}
+    for i, plan in enumerate(plans):
+        groups.setdefault((tuple(plan.crop.shape), plan.height, plan.width), []).append(i)
+    resized: list[torch.Tensor | None] = [None] * len(plans)
+    for (_, height, width), members in groups.items():
+        batch = resize_uint8(torch.stack([plans[i].crop for i in members]), height, width)
+        for i, tile in zip(members, batch):
+            resized[i] = tile
+    tiles = []
+    for plan, tile in zip(plans, resized):
+        if (plan.height, plan.width) != (size, size):  # pad: onto a mean-colour canvas
+            canvas = torch.tensor(fill, dtype=torch.uint8, device=tile.device).view(3, 1, 1)
+            canvas = canvas.expand(3, size, size).clone()
+            canvas[:, plan.top : plan.top + plan.height, plan.left : plan.left + plan.width] = tile
+            tile = canvas
+        tiles.append(tile)
+    return tiles
+
+
+def fit_tile(chw: torch.Tensor, size: int, how: str, fill: tuple[int, int, int]) -> torch.Tensor:
+    """One (3, h, w) box -> (3, size, size), as `stages.predict.fit_tile` does on the CPU."""
+    return fit_tiles([chw], size, how, fill)[0]
 
 
 def cut_tiles(
-    chw: torch.Tensor,
-    boxes: Sequence[tuple[int, int, int, int]],
+    images: Sequence[torch.Tensor],
+    boxes: Sequence[Sequence[tuple[int, int, int, int]]],
     size: int,
     how: str,
     fill: tuple[int, int, int],
-) -> torch.Tensor:
-    """The (left, top, right, bottom) boxes of one decoded image, fitted: (n, size, size, 3)
-    uint8 on the image's device."""
-    tiles = [
-        fit_tile(chw[:, top:bottom, left:right], size, how, fill)
-        for left, top, right, bottom in boxes
-    ]
-    return torch.stack(tiles).permute(0, 2, 3, 1)
+) -> list[torch.Tensor]:
+    """The (left, top, right, bottom) boxes of each decoded (3, H, W) image, fitted: one
+    (n_boxes, size, size, 3) uint8 tensor per image, on the images' device."""
+    crops = [img[:, t:b, l:r] for img, own in zip(images, boxes) for l, t, r, b in own]  # noqa: E741
+    tiles = fit_tiles(crops, size, how, fill)
+    out, start = [], 0
+    for own in boxes:
+        out.append(torch.stack(tiles[start : start + len(own)]).permute(0, 2, 3, 1))
+        start += len(own)
+    return out

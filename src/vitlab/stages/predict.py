@@ -93,7 +93,8 @@ class BackboneClassifierPredictor:
 @dataclass
 class QuadratTiles:
     plot_id: str
-    tiles: np.ndarray | None  # (n_tiles, S, S, 3) uint8, None when the image is corrupt
+    # (n_tiles, S, S, 3) uint8 (a tensor on the GPU when it cut them), None when unreadable
+    tiles: np.ndarray | torch.Tensor | None
     error: str | None = None
 
 

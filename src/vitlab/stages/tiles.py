@@ -148,14 +148,20 @@ class TileEmbedTask(LiveBackbone):
                 yield quadrat
             return
         cut: list[QuadratTiles] = []
+        images, boxes = [], []
         for path, image in zip(paths, decoded):
             try:
-                boxes = self.strategy.boxes(int(image.shape[2]), int(image.shape[1]))
+                own = self.strategy.boxes(int(image.shape[2]), int(image.shape[1]))
             except ValueError as err:  # e.g. fewer pixels than grid cells
                 cut.append(QuadratTiles(plot_id_of(path), None, f"{path}: {err}"))
                 continue
-            tiles = device_images.cut_tiles(image, boxes, size, self.tile_fit, fill)
-            cut.append(QuadratTiles(plot_id_of(path), tiles))
+            cut.append(QuadratTiles(plot_id_of(path), None))
+            images.append(image)
+            boxes.append(own)
+        tiles = iter(device_images.cut_tiles(images, boxes, size, self.tile_fit, fill))
+        for quadrat in cut:  # every group's boxes fitted in a few batched calls
+            if quadrat.error is None:
+                quadrat.tiles = next(tiles)
         synchronize_loader(device)
         yield from cut
 
