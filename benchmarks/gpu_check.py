@@ -70,6 +70,16 @@ class Model:
     images: dict  # precision -> images per timed run (embed); tiles use the same count
     repeats: int = 3  # (e2e, model-only) pairs per stage and precision
 
+    def backbone(self):
+        """The timm model with seeded random weights, on the CPU."""
+        return create_backbone(
+            "timm",
+            name=self.timm_name,
+            pretrained=False,
+            model_kwargs=self.kwargs,
+            input_size=self.size,
+        )
+
 
 FULL = [
     Model("ViT-B/16 224", "vit_base_patch16_224", 224, {}, 256, {"fp32": 4096, "bf16": 16384}),
@@ -219,13 +229,7 @@ def check_embedding(
     repeats: int,
     precisions: tuple[str, ...] = ("fp32", "bf16"),
 ):
-    backbone = create_backbone(
-        "timm",
-        name=model.timm_name,
-        pretrained=False,
-        model_kwargs=model.kwargs,
-        input_size=model.size,
-    ).to(device)
+    backbone = model.backbone().to(device)
     n_max = max(model.images.values())
     prepared = prepared_shards(work, n_max, model.size)
     quadrats = quadrat_files(work, max(8, n_max // 9))
@@ -284,13 +288,7 @@ def check_embedding(
         log.put(f"{model.label} cosine bf16 vs fp32", cos)
         log.line(f"  {model.label:22s} cosine bf16 vs fp32 per image: {cos}")
     if device.type == "cuda" and "fp32" in kept:
-        cpu_backbone = create_backbone(
-            "timm",
-            name=model.timm_name,
-            pretrained=False,
-            model_kwargs=model.kwargs,
-            input_size=model.size,
-        )
+        cpu_backbone = model.backbone()
         k = 32 if model.size < 300 else 8  # the 16-core CPU is slow at 518 px
         few = prepared_subset(prepared, k, work)
         cpu = stage_embeddings(embed_prepared(few, cpu_backbone, ClsToken(), work / "cpu", 16))

@@ -63,6 +63,11 @@ def test_auto_is_the_cpu_here_and_cuda_is_refused_naming_the_key():
 def test_bad_settings_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match="runtime.device='gpu'"):
         compute_from_config({"runtime": {"device": "gpu"}})
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="runtime.device='mps'.*no MPS device"):
+            compute_from_config({"runtime": {"device": "mps"}})
+    with pytest.raises(ConfigError, match="runtime.device='meta'"):
+        compute_from_config({"runtime": {"device": "meta"}})
     with pytest.raises(ConfigError, match="embed.precision='int8'"):
         compute_from_config({"runtime": {"device": "cpu"}, "embed": {"precision": "int8"}})
     assert compute_from_config({"runtime": {"device": "cpu"}, "embed": {"precision": "bf16"}}) == (

@@ -144,3 +144,25 @@ def test_pipeline_refuses_a_bad_device_before_any_work(tmp_path):
     )
     with pytest.raises(ConfigError, match="segmentation.device"):
         validate_segmentation(cfg)
+
+
+def test_crops_batched_across_images_give_the_one_crop_at_a_time_labels(voc):
+    """`segment_batched` puts the crops of consecutive images in one forward and sums them on
+    the device: the labels are those of one crop per forward (float reordering aside)."""
+    from dataclasses import replace
+
+    samples = dataset_samples("synthetic_voc", voc["root"], "val")
+    labels = {}
+    for per_batch in (1, 7):
+        settings = replace(SETTINGS, crops_per_batch=per_batch)
+        labels[per_batch] = []
+        evaluate_zero_shot(
+            voc["model"],
+            voc["spec"],
+            samples,
+            voc["text"],
+            settings,
+            on_sample=lambda sample, image, pred, truth, into=labels[per_batch]: into.append(pred),
+        )
+    agree = [(a == b).mean() for a, b in zip(labels[1], labels[7])]
+    assert len(agree) == len(samples) and min(agree) >= 0.999

@@ -37,6 +37,10 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         raise ValueError(
             f"{text!r} is not a torch device (auto, cpu, cuda, cuda:N, mps): {err}"
         ) from err
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{text!r} but this machine has no MPS device; use auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{text!r}: vitlab runs on cpu, cuda, cuda:N or mps")
     if device.type == "cuda":
         available, why = _visible_cuda()
         if available == 0:

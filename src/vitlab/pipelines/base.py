@@ -33,6 +33,7 @@ from vitlab.errors import ConfigError
 from vitlab.quiet import quiet_known_noise
 from vitlab.runtime import apply_threads, local_spark_master, resolve_threads, runtime_record
 from vitlab.safe_load import UnsafeCheckpointError, vitlab_checkpoint
+from vitlab.stages.embed import embed_prepared
 from vitlab.tracking import RunTracker, recorded_run, set_aside_previous
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,16 @@ def begin(cfg: DictConfig) -> None:
 def run_compute(cfg: DictConfig) -> Compute:
     """Where this run's frozen forwards run (`runtime.device`, `embed.precision`)."""
     return compute_from_config(cfg)
+
+
+def embed_training_images(
+    cfg: DictConfig, prepared: Any, backbone: Any, features: Any, engine: Any, compute: Compute
+) -> Any:
+    """The embed stage of the embedding pipelines (cached), with the run's batch size, cache
+    folder, engine and compute."""
+    return embed_prepared(
+        prepared, backbone, features, cfg.paths.cache_dir, cfg.embed.batch_size, engine, compute
+    )
 
 
 def place_backbone(backbone: Any, compute: Compute) -> Any:

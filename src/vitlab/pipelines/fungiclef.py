@@ -74,6 +74,7 @@ from vitlab.pipelines.base import (
     build_backbone,
     build_trainer,
     check_resume,
+    embed_training_images,
     ensure_generated,
     numeric_metrics,
     place_backbone,
@@ -81,7 +82,6 @@ from vitlab.pipelines.base import (
 )
 from vitlab.reports import embedding_map_png, per_class_f1, poison_confusion
 from vitlab.safe_load import load_lightning_module
-from vitlab.stages.embed import embed_prepared
 from vitlab.stages.prepare import PrepareParams, prepare_images
 from vitlab.tasks.fungiclef import IGNORE, FungiClassifier
 from vitlab.tracking import write_json
@@ -328,15 +328,7 @@ def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> R
                 },
             )
         with run.stage("embed"):
-            embedded = embed_prepared(
-                prepared,
-                backbone,
-                features,
-                cfg.paths.cache_dir,
-                cfg.embed.batch_size,
-                engine,
-                compute,
-            )
+            embedded = embed_training_images(cfg, prepared, backbone, features, engine, compute)
         summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
         summary["prepare_report"] = prepared.manifest.get("report", {})
         table = embedded.read_table(["image_name", "embedding"])

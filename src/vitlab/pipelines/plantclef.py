@@ -49,13 +49,14 @@ from vitlab.pipelines.base import (
     build_backbone,
     build_trainer,
     check_resume,
+    embed_training_images,
     ensure_generated,
     numeric_metrics,
     place_backbone,
     run_compute,
 )
 from vitlab.safe_load import load_lightning_module
-from vitlab.stages.embed import embed_prepared, forward_batch_size
+from vitlab.stages.embed import forward_batch_size
 from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
 from vitlab.stages.predict import (
     TILE_FITS,
@@ -186,15 +187,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
                     ),
                 )
             with run.stage("embed"):
-                embedded = embed_prepared(
-                    prepared,
-                    backbone,
-                    features,
-                    cfg.paths.cache_dir,
-                    cfg.embed.batch_size,
-                    engine,
-                    compute,
-                )
+                embedded = embed_training_images(cfg, prepared, backbone, features, engine, compute)
             summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
             summary["prepare_report"] = prepared.manifest.get("report", {})
             with run.stage("fit"):
