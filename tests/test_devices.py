@@ -433,3 +433,59 @@ def test_batched_tile_fitting_gives_each_boxs_own_tile_in_order(how):
         for (left, top, right, bottom), tile in zip(own, tiles):
             alone = device_images.fit_tile(image[:, top:bottom, left:right], 12, how, fill)
             torch.testing.assert_close(tile, alone.permute(1, 2, 0), atol=0, rtol=0)
+
+
+def test_a_shard_loaded_ahead_and_never_read_stops_its_loader():
+    import threading
+    import time
+
+    from vitlab.data.loading import prefetch
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(1)
+            yield np.zeros(4)
+
+    before = threading.active_count()
+    loaded = prefetch(endless(), depth=2)
+    time.sleep(0.2)
+    assert len(produced) <= 4  # bounded: depth items buffered, one more being made
+    loaded.close()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+    assert list(loaded) == []
+
+
+def test_a_failing_worker_stops_the_other_devices(tiny_plantclef, tmp_path, monkeypatch):
+    import vitlab.stages.embed as embed_module
+    from vitlab.stages.prepare import PrepareParams
+
+    prepared = prepare_training_images(
+        tiny_plantclef / "PlantCLEF2024_single_plant_training_metadata.csv",
+        tiny_plantclef / "images_max_side_800",
+        tmp_path / "cache",
+        PrepareParams(image_size=64, shard_size=8),
+        LocalEngine(),
+    )
+    backbone = create_backbone("timm", **TINY)
+    runs = []
+    original = embed_module.EmbedShardTask.run
+
+    def fails_on_cpu0(self, loaded, progress):
+        runs.append(self.compute.devices[0])
+        if len(runs) == 2:
+            raise RuntimeError("a device failed")
+        return original(self, loaded, progress)
+
+    monkeypatch.setattr(embed_module.EmbedShardTask, "run", fails_on_cpu0)
+    with pytest.raises(RuntimeError, match="a device failed"):
+        embed_prepared(
+            prepared, backbone, ClsToken(), tmp_path / "e", 16, compute=Compute(("cpu", "cpu"))
+        )
+    assert len(prepared.shard_indices()) >= 10
+    # the failing one, the other worker's current one and the one each loaded ahead, at most
+    assert len(runs) <= 4

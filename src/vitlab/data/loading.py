@@ -38,19 +38,39 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
         buffer.put(_DONE)
 
     threading.Thread(target=produce, daemon=True, name="vitlab-prefetch").start()
-    return _consume(buffer, stop)
+    return Prefetched(buffer, stop)
 
 
-def _consume(buffer: queue.Queue, stop: threading.Event) -> Iterator:
-    try:
-        while (item := buffer.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while not buffer.empty():  # unblock a producer waiting on a full buffer
-            buffer.get_nowait()
+class Prefetched(Iterator):
+    """The consumer's side of `prefetch`. `close()` (also at the end, or on an error in the
+    producer) stops the producer and frees what it had buffered, even when nothing was read
+    (the local engine closes the shard it loaded ahead when a run stops)."""
+
+    def __init__(self, buffer: queue.Queue, stop: threading.Event) -> None:
+        self._buffer, self._stop = buffer, stop
+
+    def __next__(self):
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._buffer.get()
+        if item is _DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._buffer.empty():  # unblock a producer waiting on a full buffer
+            self._buffer.get_nowait()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to free
+            pass
 
 
 def ordered_map(

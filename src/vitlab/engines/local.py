@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import pandas as pd
@@ -45,6 +45,9 @@ class LocalEngine:
                         workers.submit(_run_in_order, r, _drain(todo), stage, writer, bar.update)
                         for r in replicas
                     ]
+                    wait(runs, return_when=FIRST_EXCEPTION)
+                    if any(run.done() and run.exception() for run in runs):
+                        list(_drain(todo))  # the other workers stop after their shard
                     for run in runs:
                         run.result()
         finally:
