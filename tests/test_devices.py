@@ -137,7 +137,7 @@ def test_several_devices_split_the_shards_and_give_the_one_device_result(tiny_pl
     )
     assert one.key == two.key and two.complete
     assert _rows(one).column("image_name").equals(_rows(two).column("image_name"))
-    np.testing.assert_array_equal(_embeddings(one), _embeddings(two))
+    np.testing.assert_allclose(_embeddings(one), _embeddings(two), rtol=1e-4, atol=1e-5)
 
 
 def test_a_bf16_run_records_its_device_and_precision_and_scores_like_fp32(tiny_plantclef, tmp_path):
@@ -489,3 +489,50 @@ def test_a_failing_worker_stops_the_other_devices(tiny_plantclef, tmp_path, monk
     assert len(prepared.shard_indices()) >= 10
     # the failing one, the other worker's current one and the one each loaded ahead, at most
     assert len(runs) <= 4
+
+
+def test_a_spark_task_embeds_on_the_gpu_spark_assigned_to_it(monkeypatch):
+    """`executor_device`: the task's GPU address from `TaskContext.resources()`; the CPU when
+    the run is on the CPU; a clear error when the run wants a GPU the executor lacks."""
+    pyspark = pytest.importorskip("pyspark")
+    from vitlab.stages.embed import executor_device
+
+    class Resource:
+        addresses = ["3"]
+
+    class Context:
+        def resources(self):
+            return {"gpu": Resource()}
+
+    monkeypatch.setattr(pyspark.TaskContext, "get", staticmethod(lambda: Context()))
+    assert executor_device(Compute(("cuda:0",))) == "cuda:3"
+    assert executor_device(CPU) == "cpu"
+    monkeypatch.setattr(pyspark.TaskContext, "get", staticmethod(lambda: None))
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="spark.executor.resource.gpu.amount"):
+            executor_device(Compute(("cuda:0",)))
+
+
+def test_several_devices_give_the_one_device_tiles(tmp_path, monkeypatch):
+    import vitlab.stages.tiles as tiles_module
+    from tests.test_tile_cache import _quadrats
+    from vitlab.inference.plantclef import GridArgmax
+    from vitlab.stages.tiles import embed_test_tiles
+
+    monkeypatch.setattr(tiles_module, "QUADRATS_PER_SHARD", 2)
+    images = _quadrats(tmp_path / "test")
+    backbone = create_backbone(
+        "timm",
+        name="vit_tiny_patch16_224",
+        model_kwargs={"img_size": 32, "depth": 1},
+        input_size=32,
+    )
+    args = (images, tmp_path / "test", GridArgmax(2), backbone, ClsToken())
+    one, _ = embed_test_tiles(*args, tmp_path / "one")
+    two, _ = embed_test_tiles(*args, tmp_path / "two", compute=Compute(("cpu", "cpu")))
+    assert one.key == two.key and len(two.shard_indices()) == 4
+    a, b = one.read_table(), two.read_table()
+    assert a.drop_columns(["embedding"]).equals(b.drop_columns(["embedding"]))
+    # CPU stand-ins for two GPUs share the cores, so their thread counts (and the order of
+    # float sums) differ from a lone run's: equal to float32 rounding (GPUs: bit-identical)
+    np.testing.assert_allclose(_embeddings_of(a), _embeddings_of(b), rtol=1e-4, atol=1e-5)
