@@ -90,3 +90,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback for the session (tests/postgres_server.py)."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install vitlab[postgres])")
+    from tests.postgres_server import start_postgres
+
+    try:
+        server = start_postgres()
+    except FileNotFoundError as err:
+        pytest.skip(f"{err} (.ci/run installs Debian's postgresql)")
+    yield server
+    server.stop()

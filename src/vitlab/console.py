@@ -9,6 +9,8 @@ import rich.tree
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from vitlab.secrets import mask_secrets
+
 FIRST = ("pipeline", "experiment_name", "dataset", "backbone", "features", "head", "loss")
 
 
@@ -24,7 +26,8 @@ def config_tree(cfg: DictConfig) -> rich.tree.Tree:
         else:
             text = str(node)
         branch = tree.add(str(key), style="bold cyan")
-        branch.add(rich.syntax.Syntax(text.rstrip() or "null", "yaml", theme="ansi_dark"))
+        shown = mask_secrets(text.rstrip()) or "null"  # a password in a URL is printed as ***
+        branch.add(rich.syntax.Syntax(shown, "yaml", theme="ansi_dark"))
     return tree
 
 

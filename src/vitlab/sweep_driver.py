@@ -32,6 +32,7 @@ from vitlab.config import to_container
 from vitlab.data.shards import atomic_write_text
 from vitlab.errors import ConfigError
 from vitlab.run_tables import format_table, write_table
+from vitlab.secrets import mask_log_handlers, mask_secrets
 from vitlab.sweeps import (
     SUSPECT,
     OptunaPruning,
@@ -72,9 +73,11 @@ def save_trial_config(cfg: DictConfig, output_dir: Path) -> None:
     hydra_cfg = HydraConfig.get()
     folder = output_dir / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
-    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
-    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    # a password in sweep.storage (or any URL) is written as *** (vitlab.secrets)
+    atomic_write_text(folder / "config.yaml", mask_secrets(OmegaConf.to_yaml(cfg)))
+    overrides = OmegaConf.to_yaml(hydra_cfg.overrides.task)
+    atomic_write_text(folder / "overrides.yaml", mask_secrets(overrides))
+    atomic_write_text(folder / "hydra.yaml", mask_secrets(OmegaConf.to_yaml({"hydra": hydra_cfg})))
 
 
 @contextmanager
@@ -95,6 +98,7 @@ def trial_log(path: Path) -> Iterator[None]:
 def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optuna.Study:
     """Create or resume the study of `sweep=<name>` and run trials (each a pipeline's `train`,
     with Optuna's pruning callback) until it holds `sweep.n_trials` finished trials."""
+    mask_log_handlers()
     from vitlab.pipelines import get_pipeline
 
     GlobalHydra.instance().clear()
@@ -200,7 +204,7 @@ def create_or_load_study(spec: DictConfig, attempts: int = 5) -> optuna.Study:
     schema (SQLite: "UNIQUE constraint failed: alembic_version"); the loser retries."""
     import random
 
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
     for attempt in range(attempts):
         try:
@@ -212,6 +216,15 @@ def create_or_load_study(spec: DictConfig, attempts: int = 5) -> optuna.Study:
                 direction=spec.direction,
                 load_if_exists=True,
             )
+        except OperationalError as err:  # a server that cannot be reached or refuses us
+            if str(spec.storage).startswith("sqlite") and attempt < attempts - 1:
+                time.sleep(0.2 + random.random())  # SQLite: "database is locked" by a peer
+                continue
+            reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            raise ConfigError(
+                f"sweep.storage={mask_secrets(str(spec.storage))}: cannot open the study's "
+                f"storage: {mask_secrets(reason)}"
+            ) from None
         except SQLAlchemyError:
             if attempt == attempts - 1:
                 raise

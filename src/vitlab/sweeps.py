@@ -166,6 +166,9 @@ def build_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
     return pruners[name](**spec)
 
 
+SERVER_CONNECT_TIMEOUT_S = 5  # a PostgreSQL storage that does not answer: exit 2 within 10 s
+
+
 def build_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
     """An RDB URL (sqlite:///..., postgresql://...) as is; `journal:<path>` for a journal file
     shared by many workers on one file system; None for in-memory."""
@@ -173,6 +176,10 @@ def build_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    if url and url.startswith("postgresql"):  # a host that does not answer fails in seconds
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"connect_args": {"connect_timeout": SERVER_CONNECT_TIMEOUT_S}}
+        )
     return url
 
 

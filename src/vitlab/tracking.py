@@ -39,6 +39,7 @@ from vitlab.atomic import atomic_output
 from vitlab.config import to_container
 from vitlab.data.shards import atomic_write_text
 from vitlab.errors import ConfigError
+from vitlab.secrets import mask_secrets, mask_tree
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("online", "offline", "disabled")
@@ -265,7 +266,7 @@ def run_config(config: DictConfig) -> dict[str, Any]:
         config = config.copy()
         with open_dict(config):
             del config["hydra"]
-    return OmegaConf.to_container(config, resolve=True)
+    return mask_tree(OmegaConf.to_container(config, resolve=True))  # URL passwords: ***
 
 
 NAME_EXCLUDED = ("hydra.", "logger", "paths.", "dataset.root", "ckpt_path", "sweep")
@@ -395,5 +396,6 @@ def set_aside_previous(path: Path) -> Path | None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+    """`payload` as JSON, atomically, with URL passwords masked (summaries, scores)."""
+    atomic_write_text(path, mask_secrets(json.dumps(payload, indent=2, default=str)))
     return path

@@ -33,6 +33,7 @@ from vitlab.errors import ConfigError
 from vitlab.quiet import quiet_known_noise
 from vitlab.runtime import apply_threads, local_spark_master, resolve_threads, runtime_record
 from vitlab.safe_load import UnsafeCheckpointError, vitlab_checkpoint
+from vitlab.secrets import mask_log_handlers
 from vitlab.stages.embed import embed_prepared
 from vitlab.tracking import RunTracker, recorded_run, set_aside_previous
 
@@ -123,6 +124,7 @@ def begin(cfg: DictConfig) -> None:
     """What every pipeline does first, before validating: refuse renamed keys, and take the
     `_target_` allow-list's extra packages from this run's config."""
     quiet_known_noise()
+    mask_log_handlers()  # a password in a URL (sweep.storage) is logged as ***
     for old, new in RENAMED_KEYS.items():
         if OmegaConf.select(cfg, old) is not None:
             raise ConfigError(f"{old} was renamed: use {new}")
