@@ -145,6 +145,20 @@ def read_shard_report(directory: Path, shard_no: int) -> tuple[int, dict] | None
     return int(report.pop("rows")), report
 
 
+def task_threads() -> int:
+    """Torch's threads in a Spark task: the cores Spark gave the task (`spark.task.cpus`,
+    default 1), so that the tasks an executor runs side by side do not each take every core of
+    the machine. Set here, in the Python worker, before the task's forwards."""
+    import torch
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    cpus = int(context.cpus()) if context is not None else 0
+    if cpus > 0:
+        torch.set_num_threads(cpus)
+    return torch.get_num_threads()
+
+
 def _partition_runner(task: ShardTask, directory: str):
     """The function Spark ships to executors: only the task (configs, paths) is pickled."""
 
@@ -152,9 +166,11 @@ def _partition_runner(task: ShardTask, directory: str):
         parts = list(frames)
         if not parts:
             return
+        threads = task_threads()
         work = pd.concat(parts, ignore_index=True)
         for shard_no, rows in work.groupby("shard", sort=True):
             table, report = task(int(shard_no), rows, None)
+            report = {**report, "torch_threads": threads}
             data = encode_shard(table)
             digest = hashlib.sha256(memoryview(data)).hexdigest()
             # the report goes first: a shard file that exists always has its report beside it
