@@ -308,18 +308,14 @@ def test_the_gpu_loader_path_gives_the_cpu_paths_rows(tmp_path, monkeypatch):
     """The tile stage with the device decoder (forced on, CPU tensors): the same rows, the
     same skipped quadrats with their reasons, embeddings within the stated tolerance."""
     import vitlab.stages.tiles as tiles_module
+    from tests.test_tile_cache import _backbone as _tile_backbone
     from tests.test_tile_cache import _quadrats
     from vitlab.data import device_images
     from vitlab.inference.plantclef import GridArgmax
     from vitlab.stages.tiles import embed_test_tiles
 
     images = _quadrats(tmp_path / "test")
-    backbone = create_backbone(
-        "timm",
-        name="vit_tiny_patch16_224",
-        model_kwargs={"img_size": 32, "depth": 1},
-        input_size=32,
-    )
+    backbone = _tile_backbone()
     cpu_stage, _ = embed_test_tiles(
         images, tmp_path / "test", GridArgmax(2), backbone, ClsToken(), tmp_path / "a"
     )
@@ -515,18 +511,14 @@ def test_a_spark_task_embeds_on_the_gpu_spark_assigned_to_it(monkeypatch):
 
 def test_several_devices_give_the_one_device_tiles(tmp_path, monkeypatch):
     import vitlab.stages.tiles as tiles_module
+    from tests.test_tile_cache import _backbone as _tile_backbone
     from tests.test_tile_cache import _quadrats
     from vitlab.inference.plantclef import GridArgmax
     from vitlab.stages.tiles import embed_test_tiles
 
     monkeypatch.setattr(tiles_module, "QUADRATS_PER_SHARD", 2)
     images = _quadrats(tmp_path / "test")
-    backbone = create_backbone(
-        "timm",
-        name="vit_tiny_patch16_224",
-        model_kwargs={"img_size": 32, "depth": 1},
-        input_size=32,
-    )
+    backbone = _tile_backbone()
     args = (images, tmp_path / "test", GridArgmax(2), backbone, ClsToken())
     one, _ = embed_test_tiles(*args, tmp_path / "one")
     two, _ = embed_test_tiles(*args, tmp_path / "two", compute=Compute(("cpu", "cpu")))

@@ -102,7 +102,7 @@ def test_two_processes_on_one_storage_finish_n_trials_in_total(tiny_plantclef, t
 # --- killed workers: stale RUNNING trials are failed and retried; no replayed parameters ---
 
 
-def _start_sweep(args, cwd):
+def _start_sweep(args, cwd, keep_stdout: bool = False):
     import os
     import subprocess
     import sys
@@ -114,9 +114,23 @@ def _start_sweep(args, cwd):
         [sys.executable, str(repo / "sweep.py"), *args],
         cwd=cwd,
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def _kill_when_started(worker, trial_dir, timeout: float = 240) -> None:
+    """SIGKILL `worker` as soon as the trial folder `trial_dir` appears (it is training)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not trial_dir.exists():
+        if worker.poll() is not None:
+            pytest.fail(f"sweep.py exited early: {worker.stderr.read().decode()[-2000:]}")
+        assert time.monotonic() < deadline, f"{trial_dir.name} never started"
+        time.sleep(0.05)
+    worker.kill()
+    worker.communicate()  # reaped: its pid is gone
 
 
 def _param_sets(trials):
@@ -128,7 +142,6 @@ def test_sweep_killed_during_a_trial_resumes_to_exactly_n_trials(tiny_plantclef,
     """SIGKILL sweep.py while trial 1 trains, rerun: the orphaned RUNNING trial is closed as FAIL
     and re-run with its parameters, the study ends with exactly n_trials finished trials, and
     the seeded sampler does not replay the parameters of trials already in the study."""
-    import time
 
     from vitlab.sweeps import build_storage
 
@@ -141,15 +154,7 @@ def test_sweep_killed_during_a_trial_resumes_to_exactly_n_trials(tiny_plantclef,
         f"sweep.storage={url}",
     )
     worker = _start_sweep(args, tmp_path)
-    trial_1 = tmp_path / "sweeps" / "killed" / "trial_0001"
-    deadline = time.monotonic() + 240
-    while not trial_1.exists():
-        if worker.poll() is not None:
-            pytest.fail(f"sweep.py exited early: {worker.stderr.read().decode()[-2000:]}")
-        assert time.monotonic() < deadline, "trial 1 never started"
-        time.sleep(0.05)
-    worker.kill()
-    worker.communicate()  # reaped: its pid is gone
+    _kill_when_started(worker, tmp_path / "sweeps" / "killed" / "trial_0001")
     killed = optuna.load_study(study_name="killed", storage=build_storage(url)).trials
     assert [t.state for t in killed] == [STATES.COMPLETE, STATES.RUNNING]
 

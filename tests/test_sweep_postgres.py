@@ -5,9 +5,6 @@ with exit 2 naming `sweep.storage`, in seconds, without printing the password.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,21 +12,10 @@ import optuna
 import pytest
 
 from tests.postgres_server import PASSWORD
-from tests.test_sweep import _base, _param_sets
+from tests.test_sweep import _base, _kill_when_started, _param_sets, _start_sweep
 
 STATES = optuna.trial.TrialState
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _sweep(args, cwd) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "sweep.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 def test_three_workers_share_one_study_and_no_file_holds_the_password(
@@ -43,7 +29,7 @@ def test_three_workers_share_one_study_and_no_file_holds_the_password(
         "sweep.study_name=shared",
         f"sweep.storage={url}",
     )
-    workers = [_sweep(args, tmp_path) for _ in range(3)]
+    workers = [_start_sweep(args, tmp_path, keep_stdout=True) for _ in range(3)]
     outputs = []
     for worker in workers:
         out, err = worker.communicate(timeout=400)
@@ -76,19 +62,11 @@ def test_a_killed_worker_s_trial_is_retried_and_n_trials_complete(
         "sweep.study_name=killed",
         f"sweep.storage={url}",
     )
-    worker = _sweep(args, tmp_path)
-    trial_1 = tmp_path / "sweeps" / "killed" / "trial_0001"
-    deadline = time.monotonic() + 240
-    while not trial_1.exists():
-        if worker.poll() is not None:
-            pytest.fail(f"sweep.py exited early: {worker.stderr.read().decode()[-2000:]}")
-        assert time.monotonic() < deadline, "trial 1 never started"
-        time.sleep(0.05)
-    worker.kill()
-    worker.communicate()
+    worker = _start_sweep(args, tmp_path, keep_stdout=True)
+    _kill_when_started(worker, tmp_path / "sweeps" / "killed" / "trial_0001")
     killed = optuna.load_study(study_name="killed", storage=url).trials
     assert [t.state for t in killed] == [STATES.COMPLETE, STATES.RUNNING]
-    rerun = _sweep(args, tmp_path)
+    rerun = _start_sweep(args, tmp_path, keep_stdout=True)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err.decode()[-2000:]
     trials = optuna.load_study(study_name="killed", storage=url).trials
@@ -115,7 +93,7 @@ def test_a_storage_that_cannot_be_used_exits_2_naming_the_key(
         url, secret = f"postgresql+psycopg://vit:{PASSWORD}@127.0.0.1:{port}/{database}", PASSWORD
     args = _base(tiny_plantclef, tmp_path, "sweep.study_name=bad", f"sweep.storage={url}")
     start = time.monotonic()
-    worker = _sweep(args, tmp_path)
+    worker = _start_sweep(args, tmp_path, keep_stdout=True)
     out, err = worker.communicate(timeout=60)
     printed = out.decode() + err.decode()
     assert worker.returncode == 2, printed[-2000:]
