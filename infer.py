@@ -11,6 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from vitlab.config import guard_hydra_callbacks
 from vitlab.errors import USER_ERRORS
 
 log = logging.getLogger("vitlab")
@@ -25,8 +26,13 @@ def main(cfg: DictConfig) -> None:
         get_pipeline(name, "infer").infer(cfg)
     except USER_ERRORS as err:
         log.error("%s: %s", type(err).__name__, err)
+        from vitlab.run_tables import failed_multirun_job
+
+        if failed_multirun_job(err):  # --multirun: recorded; the next jobs run, exit 2 at the end
+            return None
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    guard_hydra_callbacks()  # Hydra builds hydra.callbacks before main(): checked first
     main()

@@ -2,7 +2,11 @@
 `vitlab cache rm KEY... | --stage S | --all`.
 
 The stage cache lives in `$VITLAB_CACHE` or `./.cache/vitlab` (the `paths.cache_dir` default);
-`--cache-dir` points elsewhere.
+`--cache-dir` points elsewhere. Only vitlab's own entries are listed, checked or removed:
+`<stage>/<key>/` folders whose manifest carries `"written_by": "vitlab"` (or, written before
+that marker, matches the stage manifest schema exactly); any other folder with a manifest.json
+is named as skipped and never touched, and `rm` deletes only the files a stage writes, keeping
+an entry folder (and what a user put in it) that is not empty then.
 """
 
 from __future__ import annotations
@@ -10,12 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitlab.data.shards import MANIFEST, check_shard, read_manifest
+from vitlab.data.shards import (
+    MANIFEST,
+    SHARD_NAME_RE,
+    WRITTEN_BY,
+    check_shard,
+    is_stage_file,
+    read_manifest,
+)
+
+STAGES = ("prepare", "embed", "tiles")  # the stage folders of a cache dir
+KEY_RE = re.compile(r"^[0-9a-f]{16}$")  # a cache key (`vitlab.cache.content_key`)
 
 
 @dataclass
@@ -29,6 +43,15 @@ class CacheEntry:
     bytes: int
     params: dict
     state: str = "complete"  # complete | partial | corrupt (manifest unreadable)
+    legacy: bool = False  # written before manifests carried `written_by` (recognised by schema)
+
+
+@dataclass
+class Skipped:
+    """A folder with a manifest.json that is not a vitlab cache entry: never listed or touched."""
+
+    path: Path
+    reason: str
 
 
 def default_cache_dir() -> Path:
@@ -37,18 +60,61 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VITLAB_CACHE") or root / ".cache" / "vitlab")
 
 
-def list_cache(cache_dir: Path) -> list[CacheEntry]:
-    entries = []
+def foreign_reason(folder: Path, manifest: dict | None) -> str | None:
+    """Why `folder` (holding `manifest`, None when unreadable) is not a stage entry vitlab
+    wrote, or None when it is one: `<stage>/<key>/` with a manifest of that key that carries
+    vitlab's marker. A manifest without the marker (written before it existed) must match the
+    stage manifest schema exactly; one that is not JSON (damaged on disk) counts only beside
+    shards, in a folder holding nothing but files a stage writes."""
+    stage, key = folder.parent.name, folder.name
+    if folder.is_symlink():
+        return "a symbolic link (vitlab does not make those)"
+    if stage not in STAGES:
+        return f"not in a stage folder ({' | '.join(STAGES)})"
+    if not KEY_RE.match(key):
+        return "its name is not a cache key (16 hex digits)"
+    if manifest is None:  # a vitlab manifest damaged on disk: only beside vitlab's shards
+        names = [p.name for p in folder.iterdir()]
+        others = [n for n in names if not is_stage_file(n)]
+        if others or not any(SHARD_NAME_RE.match(n) for n in names):
+            return f"unreadable {MANIFEST}, and not beside shards alone ({others[:3]})"
+        return None
+    if manifest.get("key") != key:
+        return f"its manifest's key is {manifest.get('key')!r}, not the folder name"
+    marker = manifest.get("written_by")
+    if marker == WRITTEN_BY:
+        return None
+    if marker is not None:
+        return f"its manifest was written by {marker!r}"
+    if not (
+        isinstance(manifest.get("params"), dict) and isinstance(manifest.get("complete"), bool)
+    ):
+        return "no vitlab marker, and not a stage manifest (params, complete)"
+    if not all(SHARD_NAME_RE.match(name) for name in manifest["shards"]):
+        return "no vitlab marker, and shards not named part-NNNNN.parquet"
+    return None
+
+
+def scan_cache(cache_dir: Path) -> tuple[list[CacheEntry], list[Skipped]]:
+    """The stage entries in `cache_dir`, and the other `*/*/manifest.json` folders skipped."""
+    entries, skipped = [], []
     for manifest_path in sorted(cache_dir.glob(f"*/*/{MANIFEST}")):
         folder = manifest_path.parent
         try:
-            manifest = read_manifest(manifest_path)
-        except ValueError:  # the next run of the stage recomputes it; `rm` removes it
-            manifest, state = {}, "corrupt"
-        else:
-            state = "complete" if manifest.get("complete") else "partial"
+            manifest: dict | None = read_manifest(manifest_path)
+        except (ValueError, OSError) as err:  # a run of the stage recomputes it; `rm` removes it
+            manifest = None
+            if _is_json(manifest_path):  # vitlab writes atomically: well-formed is someone else's
+                skipped.append(Skipped(folder, f"not a stage manifest ({err})"))
+                continue
+        reason = foreign_reason(folder, manifest)
+        if reason is not None:
+            skipped.append(Skipped(folder, reason))
+            continue
+        manifest = manifest or {}
+        state = "corrupt" if not manifest else "complete" if manifest.get("complete") else "partial"
         shards = manifest.get("shards", {})
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in _stage_files(folder))
         entries.append(
             CacheEntry(
                 folder.parent.name,
@@ -60,9 +126,56 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
                 size,
                 manifest.get("params", {}),
                 state,
+                legacy=bool(manifest) and "written_by" not in manifest,
             )
         )
-    return entries
+    return entries, skipped
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def list_cache(cache_dir: Path) -> list[CacheEntry]:
+    return scan_cache(cache_dir)[0]
+
+
+def _stage_files(folder: Path) -> list[Path]:
+    """The files a stage wrote in its folder (links and subfolders are never a stage's)."""
+    return [
+        p for p in folder.iterdir() if is_stage_file(p.name) and p.is_file() and not p.is_symlink()
+    ]
+
+
+def remove_entry(folder: Path) -> list[str]:
+    """Delete the files a stage wrote in `folder`, the manifest last (an interrupted `rm`
+    leaves an entry `rm` still recognises), then the folder when that emptied it. Returns the
+    names left: files a user put there, kept with their folder."""
+    for path in sorted(_stage_files(folder), key=lambda p: p.name == MANIFEST):
+        path.unlink(missing_ok=True)
+    left = sorted(p.name for p in folder.iterdir())
+    if not left:
+        try:
+            folder.rmdir()
+        except OSError:  # something was written there meanwhile: keep it
+            left = sorted(p.name for p in folder.iterdir())
+    return left
+
+
+def _report_skipped(skipped: list[Skipped]) -> None:
+    """Folders that look like entries but are not vitlab's: named on stderr, never touched."""
+    if not skipped:
+        return
+    print(
+        f"skipped {len(skipped)} folder(s) with a {MANIFEST}: not a vitlab cache entry",
+        file=sys.stderr,
+    )
+    for s in skipped:
+        print(f"    {s.path}: {s.reason}", file=sys.stderr)
 
 
 def _describe(params: dict) -> str:
@@ -180,7 +293,20 @@ def _groupvit(args: argparse.Namespace) -> int:
 
 def _cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
-    entries = [e for e in list_cache(cache_dir) if args.stage in (None, e.stage)]
+    entries, skipped = scan_cache(cache_dir)
+    entries = [e for e in entries if args.stage in (None, e.stage)]
+    try:
+        return _cache_action(parser, args, cache_dir, entries)
+    finally:  # after the listing: what was not touched, and why
+        _report_skipped([s for s in skipped if args.stage in (None, s.path.parent.name)])
+
+
+def _cache_action(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    cache_dir: Path,
+    entries: list[CacheEntry],
+) -> int:
     if args.action == "ls":
         if args.json:
             print(json.dumps([{**e.__dict__, "path": str(e.path)} for e in entries], default=str))
@@ -201,8 +327,10 @@ def _cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if chosen is None:
         return 2
     for e in chosen:
-        shutil.rmtree(e.path)
+        left = remove_entry(e.path)
         print(f"removed {e.stage} {e.key} ({e.bytes / 2**20:.1f} MiB)")
+        if left:
+            print(f"    kept {e.path}: it holds what vitlab did not write: {', '.join(left)}")
     return 0
 
 

@@ -14,4 +14,10 @@ class DatasetFormatError(ValueError):
     """The data on disk does not follow the official layout; the message names the culprit."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetFormatError, MissingMandatoryValue)
+def _user_errors() -> tuple[type[Exception], ...]:
+    from vitlab.atomic import OutOfSpaceError  # a full disk: the message names the path
+
+    return (ConfigError, DatasetFormatError, MissingMandatoryValue, OutOfSpaceError)
+
+
+USER_ERRORS: tuple[type[Exception], ...] = _user_errors()

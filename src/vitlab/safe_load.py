@@ -114,6 +114,19 @@ def vitlab_checkpoint(what: str) -> Iterator[None]:
         ) from err
 
 
+def distrusted(tree: Any, trust: bool = False) -> Any:
+    """A config read from a checkpoint with every `trust_*` key set to `trust` (the current run's
+    own choice): a crafted file must not opt itself in to a full unpickle of another file."""
+    if isinstance(tree, dict):
+        return {
+            k: trust if str(k).startswith("trust") else distrusted(v, trust)
+            for k, v in tree.items()
+        }
+    if isinstance(tree, list | tuple):
+        return [distrusted(v, trust) for v in tree]
+    return tree
+
+
 def load_lightning_module(module_type: type, path: str | Path) -> Any:
     """A vitlab LightningModule from its checkpoint, loaded with the allow-listed unpickler."""
     with vitlab_checkpoint(str(path)):
@@ -129,4 +142,39 @@ def fit_resumable(
         trainer.fit(module, train_loader, val_loader)
         return
     with vitlab_checkpoint(f"ckpt_path={ckpt_path}"):
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    require_same_model(module, checkpoint, f"ckpt_path={ckpt_path}")
+    with vitlab_checkpoint(f"ckpt_path={ckpt_path}"):
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
+
+
+def require_same_model(module: Any, checkpoint: dict[str, Any], what: str) -> None:
+    """A training checkpoint resumes only the model it was written for: the same parameter
+    names and shapes, and the same class list (a checkpoint of another dataset with as many
+    classes would load, train on, and score every prediction against the wrong classes)."""
+    state = checkpoint.get("state_dict") or {}
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    found = {name: tuple(getattr(t, "shape", ())) for name, t in state.items()}
+    problems = [f"missing {n}" for n in sorted(expected.keys() - found.keys())]
+    problems += [f"unexpected {n}" for n in sorted(found.keys() - expected.keys())]
+    problems += [
+        f"{n} has shape {list(found[n])}, this run's model {list(expected[n])}"
+        for n in sorted(expected.keys() & found.keys())
+        if found[n] != expected[n]
+    ]
+    if problems:
+        shown = "; ".join(problems[:4]) + (
+            f"; ... ({len(problems)} in all)" if len(problems) > 4 else ""
+        )
+        raise ConfigError(
+            f"{what} was written for another model than this run's: {shown}. Resume with the "
+            "settings of the run that wrote it (its .hydra/config.yaml)"
+        )
+    ours = dict(getattr(module, "hparams", {}) or {}).get("species_ids")
+    theirs = (checkpoint.get("hyper_parameters") or {}).get("species_ids")
+    if ours is not None and theirs is not None and list(ours) != list(theirs):
+        raise ConfigError(
+            f"{what} was trained on other classes ({len(theirs)} species, "
+            f"{len(set(theirs) - set(ours))} not in this run's {len(ours)}): resume it on the "
+            "dataset it was trained on"
+        )

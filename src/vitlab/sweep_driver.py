@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,17 @@ import optuna
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vitlab.config import to_container
 from vitlab.data.shards import atomic_write_text
 from vitlab.errors import ConfigError
+from vitlab.pipelines.base import RENAMED_KEYS
 from vitlab.run_tables import format_table, write_table
 from vitlab.secrets import mask_log_handlers, mask_secrets
 from vitlab.sweeps import (
+    PARAM_TYPES,
     SUSPECT,
     OptunaPruning,
     StaleTrialPolicy,
@@ -42,6 +45,10 @@ from vitlab.sweeps import (
     build_sampler,
     build_storage,
     fail_stale_trials,
+    is_loss_metric,
+    loss_weight_params,
+    reported_value,
+    retry_trial,
     suggest_overrides,
     trial_liveness,
 )
@@ -103,7 +110,10 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        base = compose_trial(overrides, Path(os.getcwd()))
+        try:
+            base = compose_trial(overrides, Path(os.getcwd()))
+        except HydraException as err:  # a missing sweep file or key: a message, no traceback
+            raise ConfigError(str(err).split("\nConfig search path")[0].strip()) from None
         if base.get("sweep") is None:
             raise ConfigError("sweep=<name> is required (a file in configs/sweep/)")
         pipeline = get_pipeline(base.pipeline, "train")  # an unknown name fails before trial 0
@@ -112,7 +122,10 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
             policy = StaleTrialPolicy.from_spec(spec)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        trial_predicts_test(spec, base.optimized_metric)  # a bad value fails before trial 0
+        metric = objective_metric(spec, base)
+        where = sweep_source(overrides, HydraConfig.get().runtime.choices.get("sweep"), config_dir)
+        check_sweep(spec, metric, where, lambda extra: compose("train", [*overrides, *extra]))
+        trial_predicts_test(spec, metric)  # a bad value fails before trial 0
         sweep_dir = Path(base.paths.root_dir) / "sweeps" / spec.study_name
         sweep_dir.mkdir(parents=True, exist_ok=True)
         study = create_or_load_study(spec)
@@ -129,10 +142,11 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
                         params = ",".join(name_part(o) for o in trial_overrides)
                         cfg.logger.wandb.name = f"{trial_folder(trial.number)} {params}"
                 if OmegaConf.select(cfg, "predict.test") is not None:
-                    cfg.predict.test = trial_predicts_test(spec, cfg.optimized_metric)
+                    cfg.predict.test = trial_predicts_test(spec, metric)
             save_trial_config(cfg, out)
             same_way = (cfg.fit.mode == "max") == (spec.direction == "maximize")
-            pruning = OptunaPruning(trial, cfg.fit.monitor, 1.0 if same_way else -1.0)
+            sign = 1.0 if same_way else -1.0
+            pruning = OptunaPruning(trial, cfg.fit.monitor, sign, objective=metric)
             start = time.perf_counter()
             try:
                 with trial_log(out / "train.log"):
@@ -143,12 +157,13 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
             trial.set_user_attr("stage_seconds", summary.get("stage_seconds", {}))
             if pruning.pruned:
                 raise optuna.TrialPruned()
-            value = summary.get("metrics", {}).get(cfg.optimized_metric)
+            value = summary.get("metrics", {}).get(metric)
             if value is None:
                 known = sorted(summary.get("metrics", {}))
+                key = "sweep.metric" if spec.get("metric") else "optimized_metric"
                 raise ConfigError(
-                    f"optimized_metric={cfg.optimized_metric!r}: the {cfg.pipeline} run reported "
-                    f"no such metric; it reports {known}"
+                    f"{key}={metric!r}: the {cfg.pipeline} run reported no such metric; it "
+                    f"reports {known}"
                 )
             return float(value)
 
@@ -158,10 +173,103 @@ def run_sweep(overrides: list[str], config_dir: str | Path = CONFIG_DIR) -> optu
                 time.sleep(policy.heartbeat_interval)
             else:
                 ran += run_one_trial(study, objective, spec.n_trials, policy)
-        _write_trials_table(study, sweep_dir, base.optimized_metric)
+        _write_trials_table(study, sweep_dir, metric)
         # a rerun of a finished study adds nothing: no new W&B summary run
         _write_results(study, sweep_dir, base, log_to_wandb=ran > 0)
     return study
+
+
+def objective_metric(spec: DictConfig, cfg: DictConfig) -> str:
+    """The metric the study optimises: `sweep.metric`, else the experiment's `optimized_metric`."""
+    return str(spec.get("metric") or cfg.optimized_metric)
+
+
+def sweep_source(
+    overrides: Sequence[str], sweep_name: str | None, config_dir: str | Path
+) -> Callable[[str], str]:
+    """`where(key)`: where sweep key `key` (`params.optimizer.lr`) is set, for messages: the
+    command-line override that sets it (`++sweep.params={head.lr: ...}`), else the sweep file."""
+    file = f"{Path(config_dir).name}/sweep/{sweep_name}.yaml"
+
+    def where(key: str) -> str:
+        full = f"sweep.{key}"
+        for override in overrides:
+            name, _, value = override.lstrip("~+").partition("=")
+            # `++sweep.params={head.lr: ...}`: the key's rest is a key of the override's dict
+            inside = full.startswith(f"{name}.") and f"{full[len(name) + 1 :]}:" in value
+            if name == full or name.startswith(f"{full}.") or inside:
+                return f"override {override!r}"
+        return file
+
+    return where
+
+
+def check_sweep(
+    spec: DictConfig,
+    metric: str,
+    where: Callable[[str], str],
+    probe: Callable[[list[str]], Any],
+) -> None:
+    """Everything a trial would otherwise fail on (or silently get wrong), before trial 0: the
+    sampler's and pruner's settings, every parameter's spec and key (`probe` composes the
+    config with the given overrides), and a loss objective over swept loss weights."""
+    build_sampler(to_container(spec.sampler))
+    build_pruner(to_container(spec.pruner))
+    params = to_container(spec.params) or {}
+    check_params(params, where, probe)
+    check_loss_objective(metric, params, spec.get("allow_loss_objective", False), where)
+
+
+def check_params(
+    params: Mapping[str, Any], where: Callable[[str], str], probe: Callable[[list[str]], Any]
+) -> None:
+    """Each `sweep.params` entry: a key that exists (a renamed one names its new place, from
+    `RENAMED_KEYS`), a valid spec, `when` conditions on earlier parameters, and values that
+    compose (every choice; the low bound) with its conditions."""
+    earlier: list[str] = []
+    for key, p in params.items():
+        here = f"{where(f'params.{key}')}: sweep.params.{key}"
+        name = key.lstrip("~+")
+        if name in RENAMED_KEYS:
+            raise ConfigError(f"{here}: {name} was renamed: use {RENAMED_KEYS[name]}")
+        kind = p.get("type") if isinstance(p, Mapping) else None
+        if kind not in PARAM_TYPES:
+            raise ConfigError(f"{here}.type={kind!r} is not one of {list(PARAM_TYPES)}")
+        needed = ("choices",) if kind == "categorical" else ("low", "high")
+        missing = [k for k in needed if p.get(k) is None]
+        if missing:
+            raise ConfigError(f"{here}: a {kind} parameter needs {', '.join(missing)}")
+        when = dict(p.get("when") or {})
+        for other in when:
+            if other not in earlier:
+                raise ConfigError(
+                    f"{here}.when.{other}: not a parameter declared before {key} "
+                    f"(declared: {earlier}); the condition would never hold"
+                )
+        conditions = [f"{k}={v}" for k, v in when.items()]
+        for value in list(p["choices"]) if kind == "categorical" else [p["low"]]:
+            try:
+                probe([*conditions, f"{key}={value}"])
+            except HydraException as err:
+                reason = str(err).split("\nConfig search path")[0].strip()
+                raise ConfigError(f"{here}: {key}={value} does not compose: {reason}") from None
+        earlier.append(key)
+
+
+def check_loss_objective(
+    metric: str, params: Mapping[str, Any], allow: bool, where: Callable[[str], str]
+) -> None:
+    """A loss as objective while the sweep varies that loss (its weights, its kind) compares
+    trials on different scales: refused unless `sweep.allow_loss_objective=true`."""
+    weights = loss_weight_params(params)
+    if allow or not weights or not is_loss_metric(metric):
+        return
+    raise ConfigError(
+        f"{where(f'params.{weights[0]}')}: the study optimises {metric!r}, a loss, while "
+        f"sweep.params varies the loss itself ({', '.join(weights)}): the trials' values are not "
+        "comparable. Optimise a metric that does not depend on them (sweep.metric=..., e.g. "
+        "GroupViT's val/contrastive), or set sweep.allow_loss_objective=true"
+    )
 
 
 def trial_predicts_test(spec: DictConfig, optimized_metric: str) -> bool:
@@ -186,17 +294,40 @@ def _write_trials_table(study: optuna.Study, sweep_dir: Path, metric: str) -> No
     trials = study.get_trials(deepcopy=False)
     if not trials:
         return
-    names: list[str] = []
-    for t in trials:
-        names += [n for n in t.params if n not in names]
-    columns = ["trial", "state", *names, metric, "folder"]
-    rows = [
-        [t.number, t.state.name, *(t.params.get(n) for n in names), t.value, trial_folder(t.number)]
-        for t in trials
-    ]
+    columns, rows = trials_table(trials, metric)
     path = write_table(sweep_dir / "trials.csv", columns, rows)
     table = format_table(columns, rows)
     print(f"\nstudy {study.study_name}: {len(rows)} trial(s) ({path}):\n{table}")
+
+
+def trials_table(
+    trials: Sequence[optuna.trial.FrozenTrial], metric: str
+) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of `trials.csv`. Only a complete trial has a value of `metric`: Optuna
+    gives a pruned one its last intermediate value, which is what the pruning callback reported
+    (maybe another metric, negated to face the study's direction). That value, with its own
+    sign, is in `last_<reported metric>` for every trial that reported one."""
+    names: list[str] = []
+    for t in trials:
+        names += [n for n in t.params if n not in names]
+    reported = {t.number: reported_value(t) for t in trials}
+    reported_metrics = sorted({r[0] for r in reported.values() if r is not None})
+    if len(reported_metrics) == 1:
+        report_columns = [f"last_{reported_metrics[0]}"]
+    else:  # no trial reported (no column) or several metrics: say which one
+        report_columns = ["reported_metric", "last_reported"] if reported_metrics else []
+    columns = ["trial", "state", *names, metric, *report_columns, "folder"]
+    rows = []
+    for t in trials:
+        value = t.value if t.state == STATES.COMPLETE else None
+        last = reported[t.number]
+        if len(report_columns) == 1:
+            report = [last[1] if last else None]
+        else:
+            report = [*(last or (None, None))][: len(report_columns)]
+        params = [t.params.get(n) for n in names]
+        rows.append([t.number, t.state.name, *params, value, *report, trial_folder(t.number)])
+    return columns, rows
 
 
 def create_or_load_study(spec: DictConfig, attempts: int = 5) -> optuna.Study:
@@ -289,12 +420,32 @@ def run_one_trial(
     except Exception:
         study.tell(trial, state=STATES.FAIL, skip_if_finished=True)
         raise
+    except BaseException as stop:  # SIGTERM (Terminated), Ctrl-C: not the trial's own failure
+        _close_interrupted(study, trial, stop, policy or StaleTrialPolicy())
+        raise
     if study._storage.get_trial(trial._trial_id).state.is_finished():
         _closed_elsewhere(trial)
         return True
     trial.set_user_attr("wall_seconds", time.perf_counter() - start)
     study.tell(trial, value, state=state, skip_if_finished=True)
     return True
+
+
+def _close_interrupted(
+    study: optuna.Study, trial: optuna.Trial, stop: BaseException, policy: StaleTrialPolicy
+) -> None:
+    """Close a trial stopped from outside as FAIL (user attribute `interrupted`) and enqueue it
+    again with its parameters, as a dead worker's trial is: the next `sweep.py` on the study
+    runs it first, and FAIL trials do not count towards `sweep.n_trials`. Never masks `stop`."""
+    try:
+        trial.set_user_attr("interrupted", str(stop) or type(stop).__name__)
+        study.tell(trial, state=STATES.FAIL, skip_if_finished=True)
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state == STATES.FAIL:  # not closed meanwhile as stale by another worker
+            retry_trial(study, frozen, policy.max_retries)
+        log.warning("trial %d stopped (%s): closed as FAIL, to be re-run", trial.number, stop)
+    except Exception as err:  # the storage may be what is failing: a dead worker's trial then
+        log.warning("trial %d stopped but not closed: %s", trial.number, err)
 
 
 def _closed_elsewhere(trial: optuna.Trial) -> None:

@@ -23,6 +23,7 @@ sharing a study draw different parameters.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import socket
@@ -37,6 +38,8 @@ import pytorch_lightning as pl
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
+
+from vitlab.errors import ConfigError
 
 PARAM_TYPES = ("float", "int", "categorical")
 log = logging.getLogger(__name__)
@@ -70,22 +73,41 @@ def suggest_overrides(trial: optuna.Trial, params: Mapping[str, Mapping[str, Any
         elif kind == "categorical":
             value = trial.suggest_categorical(key, list(spec["choices"]))
         else:
-            raise ValueError(f"sweep.params.{key}.type={kind!r} is not one of {list(PARAM_TYPES)}")
+            raise ConfigError(f"sweep.params.{key}.type={kind!r} is not one of {list(PARAM_TYPES)}")
         chosen[key] = value
     return [f"{k}={v}" for k, v in chosen.items()]
 
 
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+
+
 def build_sampler(spec: Mapping[str, Any] | None) -> optuna.samplers.BaseSampler:
-    """The configured sampler; with a `seed`, one seeded per trial number (`TrialSeededSampler`)."""
+    """The configured sampler; with a `seed`, one seeded per trial number (`TrialSeededSampler`).
+    A name or setting the sampler does not have is a `ConfigError` naming `sweep.sampler.<key>`."""
     spec = dict(spec or {"name": "tpe"})
     name, seed = spec.pop("name", "tpe"), spec.pop("seed", None)
-    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-    if name not in samplers:
-        raise ValueError(f"sweep.sampler.name={name!r} is not one of {sorted(samplers)}")
-    sampler = samplers[name](seed=seed, **spec)  # also checks the arguments now
+    if name not in SAMPLERS:
+        raise ConfigError(f"sweep.sampler.name={name!r} is not one of {sorted(SAMPLERS)}")
+    _check_settings("sampler", name, SAMPLERS[name], spec)
+    try:
+        sampler = SAMPLERS[name](seed=seed, **spec)  # also checks the values now
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sweep.sampler ({name}): {err}") from None
     if seed is None:
         return sampler
-    return TrialSeededSampler(lambda s: samplers[name](seed=s, **spec), int(seed))
+    return TrialSeededSampler(lambda s: SAMPLERS[name](seed=s, **spec), int(seed))
+
+
+def _check_settings(group: str, name: str, cls: type, settings: Mapping[str, Any]) -> None:
+    """Every key of `sweep.<group>` (but `name`) must be an argument of the chosen class: a typo
+    or another pruner's setting would otherwise be a TypeError in the middle of Optuna."""
+    known = [p for p in inspect.signature(cls).parameters if p not in ("self", "seed")]
+    for key in settings:
+        if key not in known:
+            raise ConfigError(
+                f"sweep.{group}.{key} is not a setting of the {name} {group} "
+                f"(sweep.{group}.name={name}); its settings: {known or 'none'}"
+            )
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -151,19 +173,53 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         pass
 
 
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+    "none": optuna.pruners.NopPruner,
+}
+# The pruning schedule the sweep files set (for the median pruner): a pruner that has such a
+# setting takes it, one without (hyperband, none; threshold has no startup trials) leaves it, so
+# `sweep.pruner.name=<any>` works with every sweep file. Any other key must be the pruner's own.
+PRUNER_SCHEDULE_KEYS = ("n_startup_trials", "n_warmup_steps", "interval_steps")
+# Optuna requires a percentile; the lower quartile (prune trials worse than 3/4 of the others at
+# the same step) unless `sweep.pruner.percentile` says otherwise.
+DEFAULT_PERCENTILE = 25.0
+
+
+def pruner_settings(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of pruner `name` from `sweep.pruner` (without `name`): schedule keys it
+    lacks are left out, any other key it lacks is a `ConfigError` naming `sweep.pruner.<key>`."""
+    accepted = set(inspect.signature(PRUNERS[name]).parameters)
+    settings = {k: v for k, v in spec.items() if k in accepted or k not in PRUNER_SCHEDULE_KEYS}
+    _check_settings("pruner", name, PRUNERS[name], settings)
+    if name == "percentile":
+        settings.setdefault("percentile", DEFAULT_PERCENTILE)
+    if name == "threshold" and settings.get("lower") is None and settings.get("upper") is None:
+        raise ConfigError(
+            "sweep.pruner.name=threshold needs a bound: +sweep.pruner.lower=... (prune a trial "
+            "whose reported value is below it) or +sweep.pruner.upper=..."
+        )
+    return settings
+
+
 def build_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
+    """The configured pruner (`sweep.pruner.name`: median | percentile | hyperband | threshold |
+    none); a setting it does not have or a bad value is a `ConfigError` naming the key."""
     spec = dict(spec or {"name": "median"})
     name = spec.pop("name", "median")
-    pruners = {
-        "median": optuna.pruners.MedianPruner,
-        "none": optuna.pruners.NopPruner,
-        "hyperband": optuna.pruners.HyperbandPruner,
-        "percentile": optuna.pruners.PercentilePruner,
-        "threshold": optuna.pruners.ThresholdPruner,
-    }
-    if name not in pruners:
-        raise ValueError(f"sweep.pruner.name={name!r} is not one of {sorted(pruners)}")
-    return pruners[name](**spec)
+    if name not in PRUNERS:
+        raise ConfigError(f"sweep.pruner.name={name!r} is not one of {sorted(PRUNERS)}")
+    settings = pruner_settings(name, spec)
+    ignored = sorted(set(spec) - set(settings))
+    if ignored:
+        log.info("sweep.pruner.name=%s has no %s: not used", name, ", ".join(ignored))
+    try:
+        return PRUNERS[name](**settings)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sweep.pruner ({name}, settings {settings}): {err}") from None
 
 
 SERVER_CONNECT_TIMEOUT_S = 5  # a PostgreSQL storage that does not answer: exit 2 within 10 s
@@ -186,21 +242,42 @@ def build_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
 class OptunaPruning(pl.Callback):
     """Report the monitored validation metric each epoch; stop the run when Optuna prunes.
     `sign=-1` when the monitor improves the other way than the study's objective (FungiCLEF:
-    `val/loss` monitored, macro F1 maximised), so the pruner compares like with like.
+    `val/loss` monitored, macro F1 maximised), so the pruner compares like with like. With
+    `objective` (the study's metric), that metric is reported instead whenever validation logs
+    it: the pruner then compares the trials on what the study optimises (GroupViT: the
+    contrastive term, not a loss whose weights the sweep varies).
 
     The step is the count of validations reported so far, not `trainer.current_epoch`: a
     FungiCLEF trial fits one head per fold with this callback, the epoch restarts at 0 for each,
-    and Optuna ignores a step reported twice (fold 2 was never seen by the pruner)."""
+    and Optuna ignores a step reported twice (fold 2 was never seen by the pruner).
 
-    def __init__(self, trial: optuna.Trial, monitor: str, sign: float = 1.0):
+    The trial's user attribute `reported` ({metric, sign}) says what its intermediate values
+    are: Optuna gives a pruned trial its last one as value, signed for the pruner's sake
+    (`reported_value` undoes it for tables)."""
+
+    def __init__(
+        self, trial: optuna.Trial, monitor: str, sign: float = 1.0, objective: str | None = None
+    ):
         self.trial, self.monitor, self.sign, self.pruned = trial, monitor, sign, False
+        self.objective = objective
         self.step = 0
 
+    def _reported(self, metrics: Mapping[str, Any]) -> tuple[str, float] | None:
+        if self.objective is not None and self.objective in metrics:
+            return self.objective, 1.0
+        if self.monitor in metrics:
+            return self.monitor, self.sign
+        return None
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+        reported = None if trainer.sanity_checking else self._reported(trainer.callback_metrics)
+        if reported is None:
             return
+        metric, sign = reported
         try:
-            value = self.sign * float(trainer.callback_metrics[self.monitor])
+            if self.step == 0:
+                self.trial.set_user_attr("reported", {"metric": metric, "sign": sign})
+            value = sign * float(trainer.callback_metrics[metric])
             self.trial.report(value, self.step)
             self.step += 1
             prune = self.trial.should_prune()
@@ -210,6 +287,32 @@ class OptunaPruning(pl.Callback):
         if prune:
             self.pruned = True
             trainer.should_stop = True
+
+
+def reported_value(trial: FrozenTrial) -> tuple[str, float] | None:
+    """(metric, value) of the last intermediate value `OptunaPruning` reported for the trial,
+    with the metric's own sign; None when it reported none (or the trial predates `reported`)."""
+    reported = trial.user_attrs.get("reported")
+    if not isinstance(reported, dict) or not trial.intermediate_values:
+        return None
+    last = trial.intermediate_values[max(trial.intermediate_values)]
+    return str(reported["metric"]), float(reported["sign"]) * last
+
+
+def is_loss_metric(metric: str) -> bool:
+    """A metric named like a loss (`val/loss`, `train/loss_epoch`, `val/total_loss`)."""
+    return "loss" in metric.lower()
+
+
+def loss_weight_params(params: Mapping[str, Any]) -> list[str]:
+    """Sweep parameters that change the loss itself: the `loss` group and its keys (`loss.*`),
+    GroupViT's loss weights (`groupvit.losses.*`), any key under a `loss` or `losses` node."""
+    found = []
+    for key in params:
+        parts = key.lstrip("+~").split(".")
+        if any(part in ("loss", "losses") for part in parts):
+            found.append(key)
+    return found
 
 
 # --- leases of running trials: who runs them, are they still alive -------------------------

@@ -105,11 +105,12 @@ def read_coco_captions_with_report(
 
     Raises DatasetFormatError naming the file (and key / image id / file name) when: the file is
     missing or not JSON, `images` / `annotations` or an entry's key is missing, an image id is
-    duplicated, an annotation refers to an unknown image id, or no images are listed. Captioned
-    images whose file is not in the folder follow the rule of `vitlab.data.missing_images`: up
-    to `max_missing_fraction` (`dataset.max_missing_fraction`) of them are skipped and counted
-    in the report; more, none on disk, or a missing folder is an error naming the folder and
-    `folder_key` (the config key it comes from).
+    duplicated, a file_name is listed under two ids, an annotation refers to an unknown image id,
+    or no images are listed. Captioned images whose file is not in the folder follow the rule
+    of `vitlab.data.missing_images`: up to `max_missing_fraction`
+    (`dataset.max_missing_fraction`) of them are skipped and counted in the report; more, none
+    on disk, or a missing folder is an error naming the folder and `folder_key` (the config key
+    it comes from).
     """
     path = Path(annotation_json)
     image_dir = Path(image_dir)
@@ -133,6 +134,7 @@ def read_coco_captions_with_report(
         raise DatasetFormatError(f"{path}: 'images' is empty")
 
     images: dict[int, dict[str, Any]] = {}
+    id_of_file: dict[str, int] = {}
     for n, entry in enumerate(data["images"]):
         _require_keys(path, "images", n, entry, IMAGE_KEYS)
         image_id = _as_int(path, f"images[{n}]", entry, "id")
@@ -140,6 +142,13 @@ def read_coco_captions_with_report(
         _as_int(path, f"images[{n}]", entry, "width")
         if image_id in images:
             raise DatasetFormatError(f"{path}: image id {image_id} listed twice")
+        name = str(entry["file_name"])
+        if name in id_of_file:  # one file, two ids: its captions would split, it would count twice
+            raise DatasetFormatError(
+                f"{path}: image file {name} is listed under two image ids {id_of_file[name]} "
+                f"and {image_id} (images[{n}]); each file must have one id"
+            )
+        id_of_file[name] = image_id
         images[image_id] = entry
 
     captions: dict[int, list[str]] = {image_id: [] for image_id in images}

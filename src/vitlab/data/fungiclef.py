@@ -10,16 +10,24 @@ Layout (file names are the dataset config's defaults):
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from vitlab.data.metadata import DATE_PERIODS, invalid_numbers
 from vitlab.data.text_files import not_utf8_error
 from vitlab.errors import DatasetFormatError
 
+log = logging.getLogger(__name__)
+
 UNKNOWN = -1
+EXAMPLES = 3  # line numbers named in a warning
 REQUIRED_COLUMNS = ("observationID", "image_path", "class_id")
 METADATA_COLUMNS = (
     "month",
@@ -56,27 +64,142 @@ CSV_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class NumberRule:
+    """What a numeric column accepts; `allowed` is what the error message says."""
+
+    allowed: str
+    integer: bool = False
+    low: float = -math.inf
+    high: float = math.inf
+    required: bool = False  # an empty field is an error (otherwise: missing, encoded as unknown)
+
+
+NUMBER_RULES: dict[str, NumberRule] = {
+    "observationID": NumberRule("an integer", integer=True, required=True),
+    "class_id": NumberRule("an integer (-1 = unknown species)", integer=True, required=True),
+    **{
+        name: NumberRule(f"an integer 1-{period} or empty", integer=True, low=1, high=period)
+        for name, period in DATE_PERIODS.items()
+    },
+    "Latitude": NumberRule("a number from -90 to 90 or empty", low=-90, high=90),
+    "Longitude": NumberRule("a number from -180 to 180 or empty", low=-180, high=180),
+}
+# which difference an error names first when one image is listed twice, and why it matters
+CONFLICTS = {
+    "class_id": "it would train on conflicting labels",
+    "observationID": "it would count in two observations",
+}
+
+
 def read_metadata(path: str | Path, labelled: bool = True) -> pd.DataFrame:
-    """One row per image; fail naming any missing required column or a bad class_id."""
+    """One row per image, checked before any image is read: the required columns are there,
+    ids are integers, month/day/coordinates are in range or empty, every row names its image.
+
+    Bad values fail naming file, line (header = line 1; one line per row is assumed) and
+    column. An image listed twice with any difference (another class_id, observationID or
+    metadata) is an error naming both lines; an exact duplicate row is dropped with a counted
+    warning (`frame.attrs["duplicate_rows"]`). Several images sharing an observationID is the
+    official layout, not a duplicate."""
     path = Path(path)
     if not path.is_file():
         raise DatasetFormatError(f"FungiCLEF metadata CSV not found: {path}")
+    checked = [c for c in NUMBER_RULES if labelled or c != "class_id"]
     try:
-        frame = pd.read_csv(path, low_memory=False, encoding="utf-8")
+        # checked columns as text, so an error quotes what the file says ("13", not 13.0)
+        text = dict.fromkeys(["image_path", *checked], str)
+        frame = pd.read_csv(path, low_memory=False, encoding="utf-8", dtype=text)
     except UnicodeDecodeError as err:
         raise not_utf8_error(path) from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DatasetFormatError(f"{path}: not a comma-separated CSV: {err}") from err
     required = REQUIRED_COLUMNS if labelled else REQUIRED_COLUMNS[:2]
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DatasetFormatError(f"{path}: missing required column(s) {missing}")
-    if labelled:
-        ids = pd.to_numeric(frame["class_id"], errors="coerce")
-        if ids.isna().any():
-            row = int(np.flatnonzero(ids.isna().to_numpy())[0]) + 2
-            raise DatasetFormatError(f"{path}:{row}: class_id must be an integer")
-        frame["class_id"] = ids.astype("int64")
-    frame["observationID"] = frame["observationID"].astype("int64")
+    frame.index = frame.index + 2  # the line of each row (line 1 is the header)
+    no_image = frame["image_path"].isna()
+    if no_image.any():
+        raise DatasetFormatError(
+            f"{_where(path, frame, 'image_path', no_image)} is empty "
+            f"({int(no_image.sum())} row(s)); every row names its image"
+        )
+    for column in checked:
+        if column in frame.columns:
+            frame[column] = _checked_numbers(path, frame, column, NUMBER_RULES[column])
+    frame = _drop_duplicate_rows(path, frame)
+    return frame.reset_index(drop=True)
+
+
+def _where(path: Path, frame: pd.DataFrame, column: str, bad: pd.Series) -> str:
+    """`file:line: column (column k)` of the first bad row; frame.index holds the lines."""
+    position = list(frame.columns).index(column) + 1
+    return f"{path}:{frame.index[bad.to_numpy()][0]}: {column} (column {position})"
+
+
+def _checked_numbers(path: Path, frame: pd.DataFrame, column: str, rule: NumberRule) -> pd.Series:
+    """The column as numbers (int64 for required integers, float64 with NaN otherwise), or
+    DatasetFormatError naming the first bad value."""
+    raw = frame[column]
+    bad = invalid_numbers(raw, rule.low, rule.high, rule.integer)
+    if rule.required:
+        bad |= raw.isna()
+    if bad.any():
+        value = raw[bad].iloc[0]
+        value = "" if pd.isna(value) else value  # an empty field reads as NaN
+        count = int(bad.sum())
+        more = f" ({count} row(s) in all)" if count > 1 else ""
+        raise DatasetFormatError(
+            f"{_where(path, frame, column, bad)} must be {rule.allowed}, got {value!r}{more}"
+        )
+    values = pd.to_numeric(raw, errors="coerce")
+    return values.astype("int64") if rule.integer and rule.required else values.astype("float64")
+
+
+def _drop_duplicate_rows(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Drop rows identical to an earlier one (warned, counted); fail on an image listed
+    twice with any difference, naming the first difference and both lines."""
+    frame.attrs["duplicate_rows"] = 0
+    if not frame["image_path"].duplicated().any():  # the common case: one hash of one column
+        return frame
+    exact = frame.duplicated(keep="first")
+    if exact.any():
+        log.warning(
+            "%s: %d duplicate row(s) (identical to an earlier row) ignored, e.g. line(s) %s",
+            path,
+            int(exact.sum()),
+            list(frame.index[exact.to_numpy()][:EXAMPLES]),
+        )
+        frame = frame[~exact.to_numpy()]
+    repeated = frame["image_path"].duplicated(keep=False)
+    if repeated.any():
+        names = frame.loc[repeated.to_numpy(), "image_path"]
+        rows = frame[frame["image_path"] == names.iloc[0]]
+        (line_a, a), (line_b, b) = list(rows.iterrows())[:2]
+        order = [c for c in CONFLICTS if c in frame.columns] + list(frame.columns)
+        column = next(c for c in order if not _same(a[c], b[c]))
+        why = CONFLICTS.get(column, "its metadata would be ambiguous")
+        raise DatasetFormatError(
+            f"{path}: image {names.iloc[0]} is listed with {column} {_shown(a[column])} on line "
+            f"{line_a} and {_shown(b[column])} on line {line_b} ({why}); {names.nunique()} "
+            "image(s) listed more than once with differences. Each image must be listed once: "
+            "fix or remove the extra rows"
+        )
+    frame.attrs["duplicate_rows"] = int(exact.sum())
     return frame
+
+
+def _same(a: Any, b: Any) -> bool:
+    return bool((pd.isna(a) and pd.isna(b)) or a == b)
+
+
+def _shown(value: Any) -> str:
+    """A cell as the user wrote it: 3 for a month read as 3.0, `empty` for a missing value."""
+    if pd.isna(value):
+        return "empty"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def stratified_observation_folds(observations: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:

@@ -4,7 +4,7 @@
   training rows plus an "other" slot for values never seen in training; a missing value is all
   zeros (no evidence either way).
 - date: month and day as sin/cos of 2π(m-1)/12 and 2π(d-1)/31; a missing value counts as 1 (the
-  team's convention).
+  team's convention); a value outside 1..12 / 1..31 is refused, never aliased.
 - location: the geohash of (Latitude, Longitude) at precision 5; the characters of levels 2..5
   (level 1 is the same for all of Denmark) mapped from base-32 to [0, 1); missing -> zeros.
 Missing values are counted per column in `report`.
@@ -21,6 +21,17 @@ import pandas as pd
 
 GEOHASH_ALPHABET = "0123456789bcdefghjkmnpqrstuvwxyz"
 CATEGORICAL = ("Substrate", "MetaSubstrate", "Habitat")
+DATE_PERIODS = {"month": 12, "day": 31}  # valid values 1..period; the cyclic encoding's period
+
+
+def invalid_numbers(raw: pd.Series, low: float, high: float, integer: bool = False) -> pd.Series:
+    """True where a value is given (not missing) but is not a finite number in [low, high]
+    (an integer one when `integer`): "March", "13" for a month, "1.5" for an id."""
+    values = pd.to_numeric(raw, errors="coerce")
+    ok = values.between(low, high) & np.isfinite(values)
+    if integer:
+        ok &= values == values.round()
+    return raw.notna() & ~ok
 
 
 def geohash(lat: float, lon: float, precision: int = 5) -> str:
@@ -84,8 +95,16 @@ class MetadataEncoder:
             missing[name] = int(series.isna().sum())
             return series
 
-        for offset, (name, period) in enumerate((("month", 12), ("day", 31))):
-            values = pd.to_numeric(column(name), errors="coerce").fillna(1).to_numpy()
+        for offset, (name, period) in enumerate(DATE_PERIODS.items()):
+            raw = column(name)
+            bad = invalid_numbers(raw, 1, period, integer=True)
+            if bad.any():  # 13 would alias to 1 and "March" would read as missing
+                raise ValueError(
+                    f"{name} must be an integer 1-{period} or missing, got "
+                    f"{raw[bad].iloc[0]!r} ({int(bad.sum())} row(s)); read CSVs with "
+                    "vitlab.data.fungiclef.read_metadata, which names the line"
+                )
+            values = pd.to_numeric(raw, errors="coerce").fillna(1).to_numpy()
             angle = 2 * np.pi * (values - 1) / period
             out[:, 2 * offset], out[:, 2 * offset + 1] = np.sin(angle), np.cos(angle)
         lat = pd.to_numeric(column("Latitude"), errors="coerce").to_numpy()

@@ -421,12 +421,12 @@ def ensure_synthetic_voc(cfg: Mapping[str, Any] | Any) -> Path:
         CocoCaptionsSyntheticSpec,
         generate_coco_captions,
     )
-    from vitlab.data.synthetic.markers import is_complete
+    from vitlab.data.synthetic.markers import generate_once, is_complete
 
     out = root.parent.parent
     spec = CocoCaptionsSyntheticSpec(**synthetic)
-    if not is_complete(out, spec):
-        generate_coco_captions(out, spec)  # refuses a folder it did not create
+    if not is_complete(out, spec):  # two first runs at once: one generates, the other waits
+        generate_once(out, spec, generate_coco_captions, "COCO captions")
     return root
 
 

@@ -11,6 +11,10 @@ the file, the stage becomes incomplete again and only that shard is recomputed. 
 is not valid JSON is treated as absent (warning): the stage is recomputed. Temp files carry
 their writer's host, pid namespace, pid and thread, so a cleanup removes only those of dead
 writers and never a file another live worker is still writing.
+
+Every manifest carries `"written_by": "vitlab"`: `vitlab cache rm` deletes only folders whose
+manifest says so (or, written before the marker, matches the stage manifest schema), and in
+them only the files a stage writes (`is_stage_file`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ from vitlab.cache import file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+WRITTEN_BY = "vitlab"  # the manifest's `written_by`: what `vitlab cache rm` may delete
+SHARD_NAME_RE = re.compile(r"^part-\d{5}\.parquet$")
+# every file a stage writes in its folder: shards, their reports (Spark) and the manifest
+_STAGE_FILE_RE = re.compile(
+    r"^(manifest\.json|part-\d{5}\.parquet|\.part-\d{5}\.parquet\.report\.json)$"
+)
 # A temp file whose writer cannot be checked (another host or pid namespace, or a name without
 # a writer) is removed only once it is this old: no shard or manifest write takes hours, and a
 # leftover temp only costs disk until then.
@@ -87,6 +97,13 @@ def is_stale_temporary(path: Path, now: float | None = None) -> bool:
     except FileNotFoundError:
         return False
     return age > STALE_TEMP_AGE_S
+
+
+def is_stage_file(name: str) -> bool:
+    """True for the name of a file a stage writes in its folder, or of its temp file: what
+    `vitlab cache rm` deletes (anything else in an entry folder is not vitlab's)."""
+    match = _TEMP_RE.match(name)
+    return bool(_STAGE_FILE_RE.match(match["target"] if match else name))
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview | pa.Buffer) -> None:
@@ -205,8 +222,15 @@ class ShardedStage:
                 log.warning("stage manifest %s is corrupt (%s); the stage is recomputed", path, err)
             else:
                 if manifest.get("key") == self.key:
+                    manifest.setdefault("written_by", WRITTEN_BY)  # adopt an older manifest
                     return manifest
-        return {"key": self.key, "params": self.params, "shards": {}, "complete": False}
+        return {
+            "written_by": WRITTEN_BY,
+            "key": self.key,
+            "params": self.params,
+            "shards": {},
+            "complete": False,
+        }
 
     @property
     def complete(self) -> bool:

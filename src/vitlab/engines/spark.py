@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -32,9 +33,15 @@ from vitlab.data.shards import (
     shard_report_path,
 )
 from vitlab.engines.local import ShardTask
+from vitlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 RESULT_SCHEMA = "shard long, rows long, report string"
+MASTER_CONNECT_TIMEOUT_S = 5.0
+MASTER_HINT = (
+    "Start the master or fix engine.master (spark://HOST:PORT, port 7077 by default); "
+    "engine.master='local[*]' runs Spark on this machine."
+)
 
 
 def spark_conf(conf: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -67,6 +74,9 @@ class SparkEngine:
     def session(self):
         from pyspark.sql import SparkSession
 
+        # a standalone master that cannot be reached: say so in seconds, not after Spark's
+        # 3 x 20 s registration retries and a 300-line Py4J traceback
+        check_master_reachable(self.master)
         builder = SparkSession.builder.master(self.master).appName(self.app_name)
         # Python workers run this interpreter (and so this environment's vitlab) unless the user
         # set PYSPARK_PYTHON; local masters read it from the environment, clusters from the conf
@@ -75,7 +85,13 @@ class SparkEngine:
         builder = builder.config("spark.sql.execution.arrow.pyspark.enabled", "true")
         for key, value in self.conf.items():
             builder = builder.config(key, str(value))
-        return builder.getOrCreate()
+        try:
+            return builder.getOrCreate()
+        except Exception as err:  # Py4JJavaError and friends; only the master's are user errors
+            reason = master_failure(self.master, str(err))
+            if reason is None:
+                raise
+            raise ConfigError(f"engine.master={self.master}: {reason}. {MASTER_HINT}") from None
 
     def map_shards(
         self, stage: ShardedStage, work: pd.DataFrame, task: ShardTask, desc: str, total_rows: int
@@ -106,6 +122,54 @@ class SparkEngine:
                 reason = "failed (see the Spark log above)" if not outcome else "lost shards"
                 raise RuntimeError(f"{desc}: the Spark job {reason}: {sorted(pending)} not done")
             job.join(timeout=0.5)
+
+
+def check_master_reachable(master: str, timeout: float = MASTER_CONNECT_TIMEOUT_S) -> None:
+    """ConfigError naming engine.master unless a `spark://host:port[,host:port...]` master
+    (several for a high-availability standby) accepts a TCP connection on one of its
+    addresses. Other masters (local[*], yarn, k8s://...) are left to Spark."""
+    if not master.startswith("spark://"):
+        return
+    problems = []
+    for address in master[len("spark://") :].split(","):
+        host, port = _host_port(address)
+        if host is None or port is None:
+            raise ConfigError(f"engine.master={master}: expected spark://HOST:PORT. {MASTER_HINT}")
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return
+        except socket.gaierror:
+            problems.append(f"host {host} does not resolve")
+        except TimeoutError:
+            problems.append(f"{host}:{port} did not answer within {timeout:.0f} s")
+        except OSError as err:
+            problems.append(f"{host}:{port}: {err.strerror or err}")
+    raise ConfigError(
+        f"engine.master={master}: no Spark master reachable ({'; '.join(problems)}). " + MASTER_HINT
+    )
+
+
+def _host_port(address: str) -> tuple[str | None, int | None]:
+    """(host, port) of `host:port` or `[ipv6]:port`; None for a part that is missing."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return (host or None, None)
+    return host, int(port)
+
+
+def master_failure(master: str, error: str) -> str | None:
+    """Why Spark could not use `master`, from the text of the error building the session
+    raised; None for an error that is not about the master (left as it is)."""
+    if "Invalid master URL" in error or "Could not parse Master URL" in error:
+        return "Spark does not understand this master URL"
+    if "All masters are unresponsive" in error:
+        return "Spark gave up: all masters are unresponsive"
+    if master.startswith("spark://") and "stopped SparkContext" in error:
+        # the port answered, but no standalone master accepted the application: Spark stops
+        # the context after its registration retries and building the session fails on that
+        return "no Spark master accepted the application there (Spark gave up registering)"
+    return None
 
 
 class _ShardProgress:

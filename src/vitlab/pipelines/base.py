@@ -17,9 +17,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from vitlab.cache import content_key, directory_fingerprint
+from vitlab.cache import content_key, directory_fingerprint, set_fingerprint_mode
 from vitlab.callbacks import BestCheckpoint, last_epoch_checkpoint
 from vitlab.config import (
+    check_added_keys,
+    check_config_targets,
     fill_runtime,
     instantiate_node,
     require_choice,
@@ -27,13 +29,19 @@ from vitlab.config import (
     to_container,
 )
 from vitlab.console import print_config
-from vitlab.data.synthetic.markers import ForeignFolderError, is_complete, require_claimable
+from vitlab.data.synthetic.markers import (
+    ForeignFolderError,
+    generate_once,
+    is_complete,
+    require_claimable,
+)
 from vitlab.devices import Compute, compute_from_config, trainer_for_device
 from vitlab.errors import ConfigError
 from vitlab.quiet import quiet_known_noise
 from vitlab.runtime import apply_threads, local_spark_master, resolve_threads, runtime_record
 from vitlab.safe_load import UnsafeCheckpointError, vitlab_checkpoint
 from vitlab.secrets import mask_log_handlers
+from vitlab.signals import sigterm_as_exception
 from vitlab.stages.embed import embed_prepared
 from vitlab.tracking import RunTracker, recorded_run, set_aside_previous
 
@@ -84,15 +92,27 @@ class RunContext:
         }
         self.tracker = RunTracker(cfg.logger, self.run_dir, job_type, cfg)
         self._record = recorded_run(self.run_dir, self.summary, self.timer, self.tracker)
+        self._sigterm = sigterm_as_exception()  # a killed run fails (exit 143), never exits 0
 
     def __enter__(self) -> RunContext:
         if self.cfg.get("print_config") and self.is_global_zero:
             print_config(self.cfg)
         self._record.__enter__()
+        self._sigterm.__enter__()
         return self
 
     def __exit__(self, *exc_info: Any) -> bool | None:
-        return self._record.__exit__(*exc_info)
+        self._sigterm.__exit__(*exc_info)
+        try:
+            return self._record.__exit__(*exc_info)
+        finally:  # every run ends saying where its results are, failed or not
+            if self.is_global_zero:
+                log.info(
+                    "%s run %s; results in %s (summary.json)",
+                    self.summary["task"],
+                    self.summary.get("status", "ended"),
+                    self.run_dir,
+                )
 
     def stage(self, name: str):
         return self.timer.stage(name)
@@ -129,6 +149,9 @@ def begin(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, old) is not None:
             raise ConfigError(f"{old} was renamed: use {new}")
     set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
+    set_fingerprint_mode(cfg.get("cache_fingerprint", "stat"))  # before any cache key
+    check_config_targets(cfg)  # callbacks, loggers, trainer plugins, hydra.callbacks: now
+    check_added_keys(cfg)
     threads = resolve_threads(OmegaConf.select(cfg, "runtime.threads"))
     apply_threads(threads)
     run_compute(cfg)  # runtime.device / embed.precision: refused here, before any stage
@@ -163,15 +186,16 @@ def place_backbone(backbone: Any, compute: Compute) -> Any:
 def ensure_generated(dataset: DictConfig, generate, spec_type, what: str) -> None:
     """Generate a synthetic dataset (`generate(root, spec_type(**dataset.synthetic))`) on first
     use, or again when its spec changed; real datasets must exist. Only a new, empty or
-    generated folder is written: a user's folder is refused (ConfigError naming dataset.root)."""
+    generated folder is written: a user's folder, or a read-only one whose data must change, is
+    refused (ConfigError naming dataset.root). Two runs generating into one folder at once are
+    serialised: the second waits and uses the first's data (markers.generate_once)."""
     synthetic = dataset.get("synthetic")
     if synthetic:
         spec = spec_type(**to_container(synthetic))
-        if not is_complete(dataset.root, spec):
+        if not is_complete(dataset.root, spec):  # complete data is only read (may be read-only)
             try:
                 require_claimable(dataset.root)  # a user's folder: refused before any log
-                log.info("generating synthetic %s data in %s", what, dataset.root)
-                generate(dataset.root, spec)
+                generate_once(dataset.root, spec, generate, what)
             except ForeignFolderError as err:
                 raise ConfigError(f"dataset.root={dataset.root}: {err}") from err
     if not Path(dataset.root).is_dir():
@@ -229,11 +253,12 @@ def configured_callbacks(cfg: DictConfig, monitor: str, mode: str) -> list[pl.Ca
     return built
 
 
-def check_resume(cfg: DictConfig, supported: bool = True) -> None:
-    """`ckpt_path` (train.py: resume training) names an existing checkpoint file."""
+def check_resume(cfg: DictConfig, supported: bool = True) -> dict[str, Any] | None:
+    """`ckpt_path` (train.py: resume training) names an existing Lightning training checkpoint;
+    returns it (None without `ckpt_path`) for the pipeline's own checks."""
     path = cfg.get("ckpt_path")
     if not path:
-        return
+        return None
     if not supported:
         raise ConfigError(
             f"ckpt_path={path}: pipeline={cfg.pipeline} cannot resume a run (rerun it: the "
@@ -253,6 +278,7 @@ def check_resume(cfg: DictConfig, supported: bool = True) -> None:
             f"ckpt_path={path}: not a Lightning training checkpoint (no state_dict/loops; "
             "resume from a run's checkpoints/last.ckpt)"
         )
+    return checkpoint
 
 
 _built_backbone: dict[str, Any] = {}  # the last backbone built in this process, by its key
@@ -275,14 +301,14 @@ def build_backbone(node: DictConfig | dict[str, Any], key: str = "backbone") -> 
 
 
 def _path_state(value: Any) -> Any:
-    """(size, mtime) of a file, the fingerprint of a folder; None for anything else."""
+    """(size, mtime, ctime) of a file, the fingerprint of a folder; None for anything else."""
     if not isinstance(value, str) or not value:
         return None
     path = Path(value)
     try:
         if path.is_file():
-            stat = path.stat()
-            return [stat.st_size, stat.st_mtime_ns]
+            stat = path.stat()  # ctime: a file replaced with its size and mtime set back
+            return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
         if path.is_dir():
             return directory_fingerprint(path)
     except OSError:

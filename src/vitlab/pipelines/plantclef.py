@@ -55,7 +55,7 @@ from vitlab.pipelines.base import (
     place_backbone,
     run_compute,
 )
-from vitlab.safe_load import load_lightning_module
+from vitlab.safe_load import distrusted, load_lightning_module
 from vitlab.stages.embed import forward_batch_size
 from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
 from vitlab.stages.predict import (
@@ -79,7 +79,9 @@ def validate(cfg: DictConfig) -> None:
     """Checks that need no work; components validate their own arguments on instantiation."""
     require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
     require_choice(cfg, "predictor", PREDICTORS)
-    check_resume(cfg)
+    resumed = check_resume(cfg)
+    if resumed is not None:
+        check_resumed_run(cfg, resumed)
     require_choice(cfg, "fit.mode", ("min", "max"))
     require_choice(cfg, "fit.loader", LOADERS)
     require_positive(
@@ -103,6 +105,53 @@ def validate(cfg: DictConfig) -> None:
     instantiate_node(cfg.inference, "inference")
     if cfg.predictor == "head":
         check_head_and_loss(cfg)
+
+
+RESUME_MUST_MATCH = ("dataset.root", "dataset.min_images_per_species", "backbone", "features")
+"""What a resumed PlantCLEF run must share with the run that wrote `ckpt_path`."""
+
+
+def check_resumed_run(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
+    """Before prepare and embed: `ckpt_path` is a PlantCLEF head checkpoint of a run on the same
+    data with the same backbone and features (else resuming trains on other data, or fails on
+    mis-shaped weights after the expensive stages)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    recorded = {"dataset": {}, **(hparams.get("context") or {})}
+    if not {"head", "species_ids"} <= hparams.keys() or "backbone" not in recorded:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: not a PlantCLEF training checkpoint (its "
+            f"hyperparameters hold {sorted(hparams)}): resume from a pipeline=plantclef run's "
+            "checkpoints/last.ckpt"
+        )
+    differ = []
+    for key in RESUME_MUST_MATCH:
+        theirs = OmegaConf.select(OmegaConf.create(recorded), key)
+        ours = to_container(OmegaConf.select(cfg, key))
+        if theirs is None:  # not recorded by older vitlab versions
+            continue
+        if key == "dataset.root":
+            if Path(str(theirs)).resolve() != Path(str(ours)).resolve():
+                differ.append(f"{key} ({theirs} there, {ours} here)")
+        else:
+            differ += leaf_differences(distrusted(to_container(theirs)), distrusted(ours), key)
+    if differ:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} was trained with another "
+            + "; ".join(differ)
+            + ": resuming it here would continue that training on other inputs. Resume with "
+            "the settings of its run (its .hydra/config.yaml), or start a new run"
+        )
+
+
+def leaf_differences(theirs: Any, ours: Any, key: str) -> list[str]:
+    """`key.leaf (a there, b here)` for every leaf where two config trees differ."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return [
+            diff
+            for name in sorted(theirs.keys() | ours.keys(), key=str)
+            for diff in leaf_differences(theirs.get(name), ours.get(name), f"{key}.{name}")
+        ]
+    return [] if theirs == ours else [f"{key} ({theirs} there, {ours} here)"]
 
 
 def check_head_and_loss(cfg: DictConfig) -> None:
@@ -204,7 +253,6 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
         else:
             summary["predict_report"] = {"skipped": "predict.test=false"}
             log.info("predict.test=false: the test set is not predicted (no submission)")
-    log.info("summary: %s", run.run_dir / "summary.json")
     return summary
 
 
@@ -371,7 +419,8 @@ def infer(cfg: DictConfig) -> RunSummary:
         ensure_dataset(dataset)  # before building the backbone
     test_images = check_plantclef_dataset(dataset, training=False).test_images
     if module is not None:
-        predictor: Predictor = head_predictor(module, run_compute(cfg))
+        trust = bool(OmegaConf.select(cfg, "backbone.trust_checkpoint", default=False))
+        predictor: Predictor = head_predictor(module, run_compute(cfg), trust)
     else:
         backbone = place_backbone(build_backbone(cfg.backbone), run_compute(cfg))
         predictor = BackboneClassifierPredictor(backbone)
@@ -418,8 +467,12 @@ def load_head_module(checkpoint: Path) -> EmbeddingClassifier:
     return module
 
 
-def head_predictor(module: EmbeddingClassifier, compute: Compute = CPU) -> EmbeddingHeadPredictor:
-    context = module.hparams.context or {}
+def head_predictor(
+    module: EmbeddingClassifier, compute: Compute = CPU, trust_backbone: bool = False
+) -> EmbeddingHeadPredictor:
+    """The checkpoint's backbone and features (their `_target_`s checked, their `trust_*` keys
+    replaced by `trust_backbone`: this run's `backbone.trust_checkpoint`) with its head."""
+    context = distrusted(module.hparams.context or {}, trust_backbone)
     backbone = place_backbone(build_backbone(context["backbone"], "checkpoint backbone"), compute)
     features = instantiate_node(OmegaConf.create(context["features"]), "checkpoint features")
     return EmbeddingHeadPredictor(backbone, features, module.head, module.species_ids)

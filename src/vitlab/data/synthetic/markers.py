@@ -4,14 +4,25 @@ A generator claims its output folder before writing anything: the folder must be
 or carry `OWNER_MARKER` (written first, so a killed generator leaves a folder that is still
 recognisably ours). `COMPLETE_MARKER` is written last and records the spec it was made from.
 A non-empty folder without the owner marker is a user's folder: it is refused, never touched.
+
+Generation is serialised by an exclusive `flock` on `LOCK_FILE` inside the folder (kept when the
+folder is emptied): a second process waits for the first and then uses its data; a folder whose
+generator was killed has no live lock holder (the kernel drops the lock) and is regenerated.
+`flock` serialises processes on one machine; on NFS it is emulated with POSIX locks (Linux
+>= 2.6.12) and works only where the server supports locking, so two *machines* generating into
+one shared folder at once are not guaranteed to be serialised.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +32,21 @@ from vitlab.errors import ConfigError
 
 OWNER_MARKER = ".vitlab-synthetic"
 COMPLETE_MARKER = ".complete"
+LOCK_FILE = ".vitlab-synthetic.lock"
 REAL_DATASETS = "dataset=plantclef|fungiclef|coco_captions"
 log = logging.getLogger(__name__)
+# folders whose generation lock this process holds (-> nesting depth): re-entrant, because
+# flock locks belong to an open file and a second open() of the lock file would wait on itself
+_HELD: dict[Path, int] = {}
 
 
 class ForeignFolderError(ConfigError):
-    """A generator was pointed at a folder it did not create; the folder is left untouched."""
+    """A generator was pointed at a folder it may not write (one it did not create, or one it
+    cannot rewrite); the folder is left untouched."""
+
+
+class ReadOnlyFolderError(ForeignFolderError):
+    """A generated folder that must be (re)written is read-only."""
 
 
 def is_generated(out_dir: str | Path) -> bool:
@@ -57,12 +77,16 @@ def claim_output_dir(out_dir: str | Path) -> Path:
     """Make `out_dir` an empty folder owned by the generator and return it.
 
     A missing or empty folder is created/used; a folder carrying the owner marker is emptied
-    (its content is ours); anything else raises ForeignFolderError without touching it.
+    (its content is ours; the lock and owner marker stay); anything else raises
+    ForeignFolderError without touching it, as does a folder another live process holds the
+    generation lock of (when this process does not hold it itself).
     """
     out = require_claimable(out_dir)
-    if out.is_dir() and any(out.iterdir()):
+    if _key(out) not in _HELD:
+        _refuse_if_locked(out)  # a direct call (no generation_lock) never empties a live writer's
+    if _contents(out):
         log.warning("replacing the synthetic data generated earlier in %s", out)
-        shutil.rmtree(out)
+        _empty_generated(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / OWNER_MARKER).write_text("created by vitlab's synthetic data generator\n")
     return out
@@ -74,13 +98,92 @@ def require_claimable(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ForeignFolderError(f"{out} is a file, not a folder: refusing to generate data there")
-    if out.is_dir() and any(out.iterdir()) and not is_generated(out):
+    if _contents(out) and not is_generated(out):
         raise ForeignFolderError(
             f"{out} is not empty and was not created by vitlab's synthetic generator (no "
             f"{OWNER_MARKER} marker): it is left untouched. Real data needs {REAL_DATASETS} "
             "with dataset.root=<your folder>; synthetic data needs a new or empty folder."
         )
     return out
+
+
+def require_writable(out_dir: str | Path) -> Path:
+    """`out_dir` if a generator can create or rewrite it; ReadOnlyFolderError (nothing touched)
+    when the folder, one of its sub-folders or, for a new folder, its nearest existing parent is
+    read-only. Root passes everywhere, as the kernel lets it write."""
+    out = Path(out_dir)
+    if not out.exists():
+        parent = next((p for p in out.absolute().parents if p.exists()), Path("/"))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ReadOnlyFolderError(f"cannot create {out}: {parent} is read-only")
+        return out
+    read_only = [d for d in _folders(out) if not os.access(d, os.W_OK | os.X_OK)]
+    if read_only:
+        if is_complete(out):
+            held = ": it holds data generated with another spec"
+        else:
+            held = ": it holds unfinished data" if _contents(out) else ""
+        raise ReadOnlyFolderError(
+            f"{out} is read-only ({read_only[0]} cannot be written), so the synthetic data asked "
+            f"for cannot be written there{held}. It is left untouched; use a writable "
+            "dataset.root (e.g. a new folder) for this spec, or the spec it was generated with."
+        )
+    return out
+
+
+@contextmanager
+def generation_lock(out_dir: str | Path) -> Iterator[Path]:
+    """Hold the exclusive generation lock of `out_dir` (waiting, with a log line, while another
+    process holds it). The folder must be claimable and writable, checked before anything is
+    created in it; it is created if missing. Re-entrant within a process."""
+    out = require_writable(require_claimable(out_dir))
+    key = _key(out)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield out
+        finally:
+            _HELD[key] -= 1
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = _open_lock(out / LOCK_FILE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(
+                "waiting for another vitlab generator (pid %s) to finish writing %s",
+                _holder_pid(out) or "unknown",
+                out,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _record_pid(fd)
+        _HELD[key] = 1
+        try:
+            yield out
+        finally:
+            del _HELD[key]
+            _record_pid(fd, clear=True)
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def generate_once(
+    out_dir: str | Path, spec: Any, generate: Callable[[Path, Any], Any], what: str
+) -> bool:
+    """`generate(out_dir, spec)` unless `out_dir` already holds data complete for `spec`,
+    serialised with other processes: one that waited for another generator uses the data the
+    other wrote instead of rewriting it. Complete data is only read (it may be read-only).
+    Returns whether this call generated."""
+    if is_complete(out_dir, spec):
+        return False
+    with generation_lock(out_dir) as out:
+        if is_complete(out, spec):  # another process generated it while this one waited
+            log.info("using the synthetic %s data another process generated in %s", what, out)
+            return False
+        log.info("generating synthetic %s data in %s", what, out)
+        generate(out, spec)
+    return True
 
 
 def mark_complete(out_dir: str | Path, spec: Any) -> None:
@@ -98,3 +201,77 @@ def _recorded_spec(marker: Path) -> dict[str, Any] | None:
     except (ValueError, OSError):
         return None  # an older marker (`seed=N`): the spec was not recorded
     return recorded if isinstance(recorded, dict) else None
+
+
+def _key(out: Path) -> Path:
+    return out.resolve()
+
+
+def _contents(out: Path) -> list[Path]:
+    """What a folder holds besides the generation lock (a folder holding only the lock is one
+    a generator made and was killed in before writing anything: it counts as empty)."""
+    if not out.is_dir():
+        return []
+    return [p for p in out.iterdir() if p.name != LOCK_FILE]
+
+
+def _folders(out: Path) -> Iterator[Path]:
+    yield out
+    for parent, dirs, _ in os.walk(out):
+        for name in dirs:
+            yield Path(parent) / name
+
+
+def _empty_generated(out: Path) -> None:
+    """Delete a generated folder's content: its completion marker first (it stops looking
+    complete), never the lock (waiting processes hold it open) nor the owner marker (the folder
+    stays recognisably ours if this process is killed while deleting)."""
+    (out / COMPLETE_MARKER).unlink(missing_ok=True)
+    for entry in _contents(out):
+        if entry.name == OWNER_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _refuse_if_locked(out: Path) -> None:
+    lock = out / LOCK_FILE
+    if not lock.is_file():
+        return
+    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ForeignFolderError(
+            f"another vitlab generator (pid {_holder_pid(out) or 'unknown'}) is writing {out} "
+            "right now: it is left untouched; run again when that generator has finished"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _open_lock(lock: Path) -> int:
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError:  # another user's lock file: lock it read-only, record no pid
+        return os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _record_pid(fd: int, clear: bool = False) -> None:
+    """The lock holder's pid in the lock file, for the log line of a process that waits."""
+    try:
+        os.ftruncate(fd, 0)
+        if not clear:
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # a read-only descriptor: the pid is only informative
+
+
+def _holder_pid(out: Path) -> int | None:
+    try:
+        text = (out / LOCK_FILE).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
