@@ -4,6 +4,7 @@ any stage; Lightning's own handler alone ended a fit with exit 0."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -31,7 +32,8 @@ class HangAtEpoch(pl.Callback):
             time.sleep(120)
 
 
-def test_sigterm_in_any_stage_fails_the_run_and_restores_the_handler(tmp_path):
+def test_sigterm_in_any_stage_fails_the_run_and_restores_the_handler(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     cfg = compose_config("train", ["logger=csv", "print_config=false"], tmp_path)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated) as raised:
@@ -44,6 +46,8 @@ def test_sigterm_in_any_stage_fails_the_run_and_restores_the_handler(tmp_path):
     assert summary["error"] == "Terminated: received SIGTERM"
     assert "embed" in summary["stage_seconds"]
     assert signal.getsignal(signal.SIGTERM) == before
+    # a failed run too ends saying where its results are
+    assert f"train run failed; results in {tmp_path / 'run'}" in caplog.text
 
 
 def test_the_handler_is_left_alone_outside_the_main_thread():
