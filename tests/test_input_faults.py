@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
+from tests.conftest import run_entry_point
 from vitlab.data.coco_captions import read_coco_captions
 from vitlab.data.fungiclef import read_metadata
 from vitlab.data.metadata import MetadataEncoder
 from vitlab.data.synthetic.fungiclef import TRAIN_CSV, FungiSyntheticSpec, generate_fungiclef
 from vitlab.errors import DatasetFormatError
 
-REPO = Path(__file__).resolve().parents[1]
 HEADER = "observationID,month,day,Substrate,Latitude,Longitude,image_path,class_id"
 # line 2..5 of a small, valid metadata CSV: observation 10 has two images (a shared
 # observationID is not a duplicate), month/day/coordinates may be empty, months may read "3.0"
@@ -172,25 +169,18 @@ def test_train_py_exits_2_with_one_line_naming_the_bad_month(tmp_path):
     fields[header.index("month")] = "March"
     lines[3] = ",".join(fields)
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    out = subprocess.run(
+    out = run_entry_point(
+        "train.py",
         [
-            sys.executable,
-            "train.py",
             "experiment=quickstart_fungiclef",
-            "logger=csv",
             "dataset.synthetic=null",
             "prepare.image_size=64",
             "backbone.model_kwargs.img_size=64",
             "backbone.input_size=64",
             "backbone.model_kwargs.depth=2",
             f"dataset.root={data}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
+        tmp_path,
     )
     printed = out.stdout + out.stderr  # Hydra's logging prints the error on stdout
     assert out.returncode == 2, printed[-2000:]
@@ -199,7 +189,7 @@ def test_train_py_exits_2_with_one_line_naming_the_bad_month(tmp_path):
     assert len(error) == 1, printed[-2000:]
     assert "DatasetFormatError" in error[0]
     assert f"{csv_path}:4: month (column 2)" in error[0] and "'March'" in error[0]
-    assert not (tmp_path / "cache").exists()  # refused before any stage ran
+    assert not (tmp_path / ".cache").exists()  # refused before any stage ran
 
 
 # ------------------------------------------------------------------------ COCO captions JSON
