@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 
 from tests.conftest import REPO, TINY_PLANTCLEF_RUN, compose_config
 from vitlab.pipelines.base import RunContext
-from vitlab.signals import Terminated, sigterm_as_exception
+from vitlab.signals import Terminated, deferred_sigterm, sigterm_as_exception
 
 
 class HangAtEpoch(pl.Callback):
@@ -63,6 +63,42 @@ def test_the_handler_is_left_alone_outside_the_main_thread():
     thread.start()
     thread.join()
     assert seen == [signal.getsignal(signal.SIGTERM)]
+
+
+def test_a_sigterm_inside_a_deferred_block_is_raised_when_the_block_ends():
+    finished = []
+    with pytest.raises(Terminated) as raised, sigterm_as_exception():
+        with deferred_sigterm():
+            with deferred_sigterm():  # nested: held until the outermost block ends
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run by now, and did not raise
+                finished.append("inner")
+            finished.append("outer")
+    assert finished == ["inner", "outer"] and raised.value.code == 143
+    with sigterm_as_exception(), deferred_sigterm():  # nothing pending is left behind
+        pass
+
+
+def test_a_sigterm_during_a_storage_call_lets_the_call_complete():
+    """The sweep's failure in CI: SIGTERM landed inside a trial's SQLite commit, the session
+    broke, and closing the trial failed (exit 1, not 143)."""
+    import optuna
+
+    from vitlab.sweeps import SigtermSafeStorage
+
+    class KilledMidCommit(optuna.storages.InMemoryStorage):
+        def set_trial_user_attr(self, trial_id, key, value):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            super().set_trial_user_attr(trial_id, key, value)
+
+    study = optuna.create_study(storage=SigtermSafeStorage(KilledMidCommit()))
+    trial = study.ask()
+    with pytest.raises(Terminated), sigterm_as_exception():
+        trial.set_user_attr("epoch", 3)
+    assert study.trials[0].user_attrs == {"epoch": 3}
+    study.tell(trial, 1.0)  # the storage still works
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
 
 
 def test_sigterm_mid_fit_exits_143_with_a_failed_summary(tiny_plantclef, tmp_path):

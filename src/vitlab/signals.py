@@ -24,8 +24,35 @@ class Terminated(SystemExit):
         return f"received {signal.Signals(self.signum).name}"
 
 
+# SIGTERMs received while a write that must not be cut in half runs (`deferred_sigterm`): raised
+# when the outermost such block ends. Only the main thread handles signals, so only it counts.
+_deferral = {"depth": 0, "pending": None}
+
+
 def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    if _deferral["depth"]:
+        _deferral["pending"] = signum
+        return
     raise Terminated(signum)
+
+
+@contextmanager
+def deferred_sigterm() -> Iterator[None]:
+    """Hold back `Terminated` until the block ends: a SIGTERM that lands inside a database
+    commit would leave the connection's transaction broken, and every later write of the
+    process (closing the interrupted trial) would fail. No effect outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+        pending = _deferral["pending"]
+        if not _deferral["depth"] and pending is not None:
+            _deferral["pending"] = None
+            raise Terminated(pending)
 
 
 @contextmanager

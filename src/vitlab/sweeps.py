@@ -22,6 +22,7 @@ sharing a study draw different parameters.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import inspect
 import logging
@@ -40,6 +41,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from vitlab.errors import ConfigError
+from vitlab.signals import deferred_sigterm
 
 PARAM_TYPES = ("float", "int", "categorical")
 log = logging.getLogger(__name__)
@@ -225,18 +227,47 @@ def build_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
 SERVER_CONNECT_TIMEOUT_S = 5  # a PostgreSQL storage that does not answer: exit 2 within 10 s
 
 
-def build_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
-    """An RDB URL (sqlite:///..., postgresql://...) as is; `journal:<path>` for a journal file
-    shared by many workers on one file system; None for in-memory."""
-    if url and url.startswith("journal:"):
+class SigtermSafeStorage(optuna.storages.BaseStorage):
+    """A study's storage whose every call completes before a SIGTERM is raised in the main
+    thread (`vitlab.signals.deferred_sigterm`): a `Terminated` raised inside an SQLAlchemy
+    commit (a trial's per-epoch report) left the session broken, and closing the interrupted
+    trial then failed with StorageInternalError instead of exit 143."""
+
+    def __init__(self, inner: optuna.storages.BaseStorage):
+        self.inner = inner
+
+
+def _deferring_sigterm(name: str) -> Callable[..., Any]:
+    def call(self: SigtermSafeStorage, *args: Any, **kwargs: Any) -> Any:
+        with deferred_sigterm():
+            return getattr(self.inner, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+for _name, _member in vars(optuna.storages.BaseStorage).items():
+    if callable(_member) and not _name.startswith("_"):
+        setattr(SigtermSafeStorage, _name, _deferring_sigterm(_name))
+abc.update_abstractmethods(SigtermSafeStorage)
+
+
+def build_storage(url: str | None) -> optuna.storages.BaseStorage | None:
+    """The storage behind `sweep.storage`: an RDB URL (sqlite:///..., postgresql://...);
+    `journal:<path>` for a journal file shared by many workers on one file system; None for
+    in-memory. Shared storages are wrapped so that SIGTERM never cuts a call in half."""
+    if not url:
+        return None
+    if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    if url and url.startswith("postgresql"):  # a host that does not answer fails in seconds
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"connect_args": {"connect_timeout": SERVER_CONNECT_TIMEOUT_S}}
-        )
-    return url
+        journal = JournalFileBackend(url.removeprefix("journal:"))
+        return SigtermSafeStorage(optuna.storages.JournalStorage(journal))
+    engine_kwargs = {}
+    if url.startswith("postgresql"):  # a host that does not answer fails in seconds
+        engine_kwargs = {"connect_args": {"connect_timeout": SERVER_CONNECT_TIMEOUT_S}}
+    rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return SigtermSafeStorage(optuna.storages.get_storage(rdb))
 
 
 class OptunaPruning(pl.Callback):
