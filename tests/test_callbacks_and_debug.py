@@ -102,3 +102,20 @@ def test_a_log_file_shows_one_line_per_epoch(tiny_plantclef, tmp_path):
     for epoch in (1, 2, 3):
         assert f"epoch {epoch}/3 | " in log and "samples/s" in log
     assert "ETA 0m00s" in log
+
+
+class PatientStopping(pl.callbacks.EarlyStopping):
+    """A user's EarlyStopping subclass, whose name does not say EarlyStopping."""
+
+
+def test_early_stopping_is_recognised_by_class_not_by_name():
+    from vitlab.pipelines.base import is_early_stopping
+
+    assert is_early_stopping("pytorch_lightning.callbacks.EarlyStopping")
+    assert is_early_stopping("tests.test_callbacks_and_debug.PatientStopping")
+    assert not is_early_stopping("tests.test_callbacks_and_debug.NotEarlyStoppingAtAll")
+    assert not is_early_stopping("pytorch_lightning.callbacks.LearningRateMonitor")
+
+
+class NotEarlyStoppingAtAll(pl.Callback):
+    """Its name holds `EarlyStopping`; patience 0 must not drop it."""

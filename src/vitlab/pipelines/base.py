@@ -247,10 +247,21 @@ def configured_callbacks(cfg: DictConfig, monitor: str, mode: str) -> list[pl.Ca
             continue
         key = f"callbacks.{name}"
         plain = fill_runtime(to_container(node), {"monitor": monitor, "mode": mode}, key)
-        if "EarlyStopping" in str(plain.get("_target_")) and plain.get("patience") == 0:
+        if is_early_stopping(plain.get("_target_")) and plain.get("patience") == 0:
             continue
         built.append(instantiate_node(plain, key))
     return built
+
+
+def is_early_stopping(target: Any) -> bool:
+    """Whether a (checked) `_target_` names Lightning's EarlyStopping or a subclass of it."""
+    from hydra._internal.utils import _locate
+
+    try:
+        found = _locate(str(target))
+    except Exception:  # not importable: instantiating it will name the key
+        return False
+    return isinstance(found, type) and issubclass(found, pl.callbacks.EarlyStopping)
 
 
 def check_resume(cfg: DictConfig, supported: bool = True) -> dict[str, Any] | None:

@@ -290,8 +290,9 @@ def _fit(
     result = fit_head(
         splits, module, trainer, cfg.head.batch_size, checkpoint_dir, cfg.get("ckpt_path")
     )
-    if result.last_checkpoint:
-        write_label_map(result.last_checkpoint.parent, splits.species_ids)
+    last = result.last_checkpoint  # fit_head wrote label_map.json beside best.ckpt
+    if last and last.parent != Path(result.best_checkpoint).parent:
+        write_label_map(last.parent, splits.species_ids)
     summary["best_checkpoint"] = str(result.best_checkpoint)
     summary["fit_metrics"] = result.metrics
     summary.setdefault("metrics", {}).update(result.metrics)

@@ -1,1 +1,2 @@
-"""The pipeline's stages: prepare -> embed -> fit -> predict -> score (see DESIGN.md)."""
+"""The stages every embedding pipeline shares: prepare -> embed (cached, see vitlab.cache),
+then the PlantCLEF fit -> predict -> score (the data flow: README, "How it works")."""

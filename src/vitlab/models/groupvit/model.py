@@ -631,7 +631,3 @@ class GroupViT(nn.Module):
             "logits_per_image": logits_per_image,
             "logits_per_text": logits_per_image.t(),
         }
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
