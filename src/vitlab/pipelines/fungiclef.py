@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from scipy.special import softmax
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from vitlab.cache import directory_fingerprint, file_sha256
 from vitlab.callbacks import trained_checkpoint
@@ -47,7 +48,7 @@ from vitlab.data.missing_images import (
     check_missing_images,
     require_image_folder,
 )
-from vitlab.data.shards import arrow_to_embeddings
+from vitlab.data.shards import ShardedStage, arrow_to_embeddings
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
 from vitlab.devices import require_accelerator
 from vitlab.errors import ConfigError, DatasetFormatError
@@ -260,19 +261,36 @@ def _test_truth(ds: DictConfig, test: pd.DataFrame | None) -> dict[int, int] | N
     return truth
 
 
-def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
-    """embed (cached) -> one head per fold -> ensemble -> open-set rule -> scores; `callbacks`
-    join every fold's Trainer (sweep.py's pruning)."""
-    begin(cfg)
-    validate_fungiclef(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    compute = run_compute(cfg)
-    backbone = place_backbone(build_backbone(cfg.backbone), compute)
-    features = instantiate_node(cfg.features, "features")
-    engine = instantiate_node(cfg.engine, "engine")
-    prepare_params = PrepareParams.from_config(cfg.prepare)
+@dataclass
+class Listing:
+    """The dataset as listed, read and checked before any work (a bad file fails before the
+    run folder is written): the splits, the image work for prepare and what the run records."""
+
+    parts: dict[str, Part]
+    poisonous: set[int]
+    test_truth: dict[int, int] | None
+    test_observations: list[int]
+    work: pd.DataFrame
+    missing_report: dict[str, dict[str, Any]]
+    run_fields: dict[str, Any]
+
+    def skipped_images(self) -> dict[str, Any]:
+        """The missing images for prepare's report: their count and the first names."""
+        names = [
+            f"{name}/{image}"
+            for name, report in self.missing_report.items()
+            for image in report["missing_examples"]
+        ]
+        return {
+            "missing_images": sum(r["missing"] for r in self.missing_report.values()),
+            "missing_examples": names[:REPORT_LIST_LIMIT],
+        }
+
+
+def list_splits(cfg: DictConfig) -> Listing:
+    """Read DF20, DF21, the public test (when its CSV exists), the poison list and the test
+    truth, and find each split's images, so every input problem fails before any work."""
     ds = cfg.dataset
-    ensure_fungi_dataset(ds)
     df20, df21 = read_metadata(ds.train_csv), read_metadata(ds.val_csv)
     test = read_metadata(ds.test_csv, labelled=False) if Path(ds.test_csv).is_file() else None
     poisonous = read_poison_list(ds.poison_csv)
@@ -298,90 +316,59 @@ def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> R
         "submission": None,
         "submission_note": f"no public-test CSV at {ds.test_csv} (dataset.test_csv)",
     }
-    with RunContext(
-        cfg, "train", missing_images=missing_report, **(no_test if test is None else {})
-    ) as run:
-        run_dir, tracker, summary = run.run_dir, run.tracker, run.summary
-        key_parts = [
-            file_sha256(ds.train_csv),
-            file_sha256(ds.val_csv),
-            directory_fingerprint(ds.train_images_dir),
-            directory_fingerprint(ds.val_images_dir),
-        ]
-        if test is not None:
-            key_parts += [file_sha256(ds.test_csv), directory_fingerprint(ds.test_images_dir)]
-        missing_names = [
-            f"{name}/{image}"
-            for name, report in missing_report.items()
-            for image in report["missing_examples"]
-        ]
+    run_fields = {"missing_images": missing_report, **(no_test if test is None else {})}
+    return Listing(
+        parts, poisonous, test_truth, test_observations, work, missing_report, run_fields
+    )
+
+
+def _cache_key_parts(ds: DictConfig, with_test: bool) -> list[str]:
+    """What the prepare cache key reads: the CSVs' contents and the image folders' files."""
+    key_parts = [
+        file_sha256(ds.train_csv),
+        file_sha256(ds.val_csv),
+        directory_fingerprint(ds.train_images_dir),
+        directory_fingerprint(ds.val_images_dir),
+    ]
+    if with_test:
+        key_parts += [file_sha256(ds.test_csv), directory_fingerprint(ds.test_images_dir)]
+    return key_parts
+
+
+def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
+    """embed (cached) -> one head per fold -> ensemble -> open-set rule -> scores; `callbacks`
+    join every fold's Trainer (sweep.py's pruning)."""
+    begin(cfg)
+    validate_fungiclef(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    compute = run_compute(cfg)
+    backbone = place_backbone(build_backbone(cfg.backbone), compute)
+    features = instantiate_node(cfg.features, "features")
+    engine = instantiate_node(cfg.engine, "engine")
+    prepare_params = PrepareParams.from_config(cfg.prepare)
+    ensure_fungi_dataset(cfg.dataset)
+    listing = list_splits(cfg)
+    with RunContext(cfg, "train", **listing.run_fields) as run:
+        key_parts = _cache_key_parts(cfg.dataset, "test" in listing.parts)
         with run.stage("prepare"):
             prepared = prepare_images(
-                work,
+                listing.work,
                 key_parts,
                 cfg.paths.cache_dir,
                 prepare_params,
                 engine,
-                {
-                    "missing_images": sum(r["missing"] for r in missing_report.values()),
-                    "missing_examples": missing_names[:REPORT_LIST_LIMIT],
-                },
+                listing.skipped_images(),
             )
         with run.stage("embed"):
             embedded = embed_training_images(cfg, prepared, backbone, features, engine, compute)
-        summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
-        summary["prepare_report"] = prepared.manifest.get("report", {})
-        table = embedded.read_table(["image_name", "embedding"])
-        vectors = dict(
-            zip(
-                table.column("image_name").to_pylist(),
-                arrow_to_embeddings(table.column("embedding")),
-            )
-        )
-        encoder = MetadataEncoder().fit(df20)
-        data, meta_missing = {}, {}
-        for name, part in parts.items():
-            frame = part.frame
-            names = name + "/" + frame["image_path"].astype(str)
-            keep = names.isin(vectors.keys()).to_numpy()  # skipped images drop out, counted
-            if not keep.any():  # every image of the split was missing or corrupt
-                raise DatasetFormatError(
-                    f"{name}: no image listed in {part.csv} could be read from {part.folder} "
-                    f"({part.folder_key}); see summary.json/prepare_report"
-                )
-            frame = frame[keep].reset_index(drop=True)
-            meta, meta_missing[name] = encoder.transform(frame)
-            emb = np.stack([vectors[n] for n in names[keep]])
-            data[name] = Rows(frame, emb, meta)
-        summary["metadata_missing"] = meta_missing
-        df21_rows = data["DF21"]
-        df21_rows.frame["split"] = split_df21(
-            df21_rows.frame, cfg.dataset.n_folds, cfg.dataset.split_seed
-        ).to_numpy()
+        run.summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
+        run.summary["prepare_report"] = prepared.manifest.get("report", {})
+        data = load_fungi_data(cfg, run, listing, embedded)
         with run.stage("fit"):
-            folds = _fit_folds(cfg, data, df21_rows, encoder, poisonous, run, callbacks)
+            folds = fit_folds(cfg, run, data, callbacks)
         with run.stage("predict"):
-            _ensemble_and_score(
-                cfg,
-                folds,
-                data,
-                df21_rows,
-                poisonous,
-                test_observations,
-                test_truth,
-                run_dir,
-                tracker,
-                summary,
-            )
-    return summary
-
-
-@dataclass
-class FoldModel:
-    name: str
-    module: FungiClassifier
-    checkpoint: Path
-    val_rows: Rows
+            score_ensemble(cfg, run, data, folds)
+    return run.summary
 
 
 def _label_space(df20: pd.DataFrame, df21: pd.DataFrame) -> list[int]:
@@ -391,88 +378,214 @@ def _label_space(df20: pd.DataFrame, df21: pd.DataFrame) -> list[int]:
     return known + ([UNKNOWN] if (df21["class_id"] == UNKNOWN).any() else [])
 
 
-def _targets(
-    rows: Rows, index_of: dict[int, int], vocab: dict[str, dict[str, int]], poisonous: set[int]
-) -> dict[str, np.ndarray]:
-    frame = rows.frame
-    out = {
-        "species": frame["class_id"].map(index_of).fillna(-1).astype(np.int64).to_numpy(),
-        "poisonous": frame["class_id"].isin(poisonous).astype(np.int64).to_numpy(),
-    }
-    for level, mapping in vocab.items():
-        values = frame[level] if level in frame else pd.Series([None] * len(frame))
-        out[level] = values.map(mapping).fillna(IGNORE).astype(np.int64).to_numpy()
-    return out
+@dataclass
+class FungiData:
+    """What fitting and scoring read: one `Rows` per split (only the images that were read;
+    DF21 with its `split` column: `test` is the held-out third, `fold1`... the folds), the
+    metadata encoder, the poison list and the public test's observations and truth.
 
+    The label space (from DF20's and DF21's rows) is derived on first use, in the fit stage,
+    so a DF20 without a known species fails that stage."""
 
-def _fit_folds(cfg, data, df21_rows, encoder, poisonous, run: RunContext, callbacks):
-    summary = run.summary
-    species_ids = _label_space(data["DF20"].frame, df21_rows.frame)
-    index_of = {s: i for i, s in enumerate(species_ids)}
-    vocab = {
-        level: {
-            v: i
-            for i, v in enumerate(sorted(data["DF20"].frame[level].dropna().astype(str).unique()))
+    rows: dict[str, Rows]
+    encoder: MetadataEncoder
+    poisonous: set[int]
+    test_observations: list[int]
+    test_truth: dict[int, int] | None
+
+    @cached_property
+    def species_ids(self) -> list[int]:
+        """DF20's known species, then unknown (-1) when DF21 has unknowns."""
+        return _label_space(self.rows["DF20"].frame, self.rows["DF21"].frame)
+
+    @cached_property
+    def index_of(self) -> dict[int, int]:
+        return {s: i for i, s in enumerate(self.species_ids)}
+
+    @cached_property
+    def vocab(self) -> dict[str, dict[str, int]]:
+        """DF20's genus and family names -> index (the auxiliary targets)."""
+        df20 = self.rows["DF20"].frame
+        return {
+            level: {v: i for i, v in enumerate(sorted(df20[level].dropna().astype(str).unique()))}
+            for level in ("genus", "family")
+            if level in df20
         }
-        for level in ("genus", "family")
-        if level in data["DF20"].frame
-    }
-    aux_sizes = {"poisonous": 1, **{k: len(v) for k, v in vocab.items()}}
-    poison_idx = sorted(index_of[c] for c in poisonous if c in index_of)
-    folds = []
-    for fold in range(1, cfg.dataset.n_folds):
-        name = f"fold{fold}"
-        split = df21_rows.frame["split"].to_numpy()
-        extra = df21_rows.take((split != "test") & (split != name))
-        train_rows = _labelled(_concat_rows(data["DF20"], extra), index_of)
-        val_rows = _labelled(df21_rows.take(split == name), index_of)
-        train_t = _targets(train_rows, index_of, vocab, poisonous)
-        val_t = _targets(val_rows, index_of, vocab, poisonous)
-        counts = np.bincount(train_t["species"], minlength=len(species_ids)).tolist()
-        module = fold_module(
-            cfg,
-            embed_dim=train_rows.embedding.shape[1],
-            meta_groups=encoder.groups,
-            species_ids=species_ids,
-            class_counts=counts,
-            poisonous_classes=poison_idx,
-            aux_sizes=aux_sizes,
-            context={
-                "backbone": to_container(cfg.backbone),
-                "features": to_container(cfg.features),
-                "encoder": encoder.state(),
-                "genus_vocab": vocab.get("genus"),
-                "cache_keys": summary["cache_keys"],
-            },
+
+    @property
+    def aux_sizes(self) -> dict[str, int]:
+        return {"poisonous": 1, **{k: len(v) for k, v in self.vocab.items()}}
+
+    @property
+    def poison_idx(self) -> list[int]:
+        return sorted(self.index_of[c] for c in self.poisonous if c in self.index_of)
+
+    @property
+    def held_out(self) -> Rows:
+        df21 = self.rows["DF21"]
+        return df21.take(df21.frame["split"].to_numpy() == "test")
+
+    def fold_rows(self, name: str) -> tuple[Rows, Rows]:
+        """(train, validation) rows of fold `name`: DF20 + the other folds, and the fold; only
+        rows whose class is in the label space."""
+        df21 = self.rows["DF21"]
+        split = df21.frame["split"].to_numpy()
+        extra = df21.take((split != "test") & (split != name))
+        train = _labelled(_concat_rows(self.rows["DF20"], extra), self.index_of)
+        return train, _labelled(df21.take(split == name), self.index_of)
+
+    def targets(self, rows: Rows) -> dict[str, np.ndarray]:
+        """Species index (-1 outside the label space), poisonous flag, and genus/family index
+        (IGNORE when unknown) per row."""
+        frame = rows.frame
+        out = {
+            "species": frame["class_id"].map(self.index_of).fillna(-1).astype(np.int64).to_numpy(),
+            "poisonous": frame["class_id"].isin(self.poisonous).astype(np.int64).to_numpy(),
+        }
+        for level, mapping in self.vocab.items():
+            values = frame[level] if level in frame else pd.Series([None] * len(frame))
+            out[level] = values.map(mapping).fillna(IGNORE).astype(np.int64).to_numpy()
+        return out
+
+
+def load_fungi_data(
+    cfg: DictConfig, run: RunContext, listing: Listing, embedded: ShardedStage
+) -> FungiData:
+    """The listed splits joined to their embeddings and encoded metadata (DF20's vocabulary),
+    DF21 split into the held-out third and folds; records the missing metadata per split."""
+    vectors = _embeddings_by_name(embedded)
+    encoder = MetadataEncoder().fit(listing.parts["DF20"].frame)
+    rows, run.summary["metadata_missing"] = _encoded_rows(listing.parts, vectors, encoder)
+    df21 = rows["DF21"]
+    df21.frame["split"] = split_df21(
+        df21.frame, cfg.dataset.n_folds, cfg.dataset.split_seed
+    ).to_numpy()
+    return FungiData(
+        rows, encoder, listing.poisonous, listing.test_observations, listing.test_truth
+    )
+
+
+def _embeddings_by_name(embedded: ShardedStage) -> dict[str, np.ndarray]:
+    table = embedded.read_table(["image_name", "embedding"])
+    return dict(
+        zip(
+            table.column("image_name").to_pylist(),
+            arrow_to_embeddings(table.column("embedding")),
         )
-        train_set = RowsDataset(train_rows, train_t)
-        sampler = None
-        if cfg.sampler == "val_distribution":
-            weights = validation_matching_weights(
-                train_t["species"], val_t["species"], len(species_ids)
+    )
+
+
+def _encoded_rows(
+    parts: dict[str, Part], vectors: dict[str, np.ndarray], encoder: MetadataEncoder
+) -> tuple[dict[str, Rows], dict[str, dict[str, int]]]:
+    """Each split's rows whose image was embedded (skipped images drop out, counted in the
+    prepare report), and its missing metadata per column; a split left empty is an error."""
+    data, meta_missing = {}, {}
+    for name, part in parts.items():
+        frame = part.frame
+        names = name + "/" + frame["image_path"].astype(str)
+        keep = names.isin(vectors.keys()).to_numpy()
+        if not keep.any():  # every image of the split was missing or corrupt
+            raise DatasetFormatError(
+                f"{name}: no image listed in {part.csv} could be read from {part.folder} "
+                f"({part.folder_key}); see summary.json/prepare_report"
             )
-            sampler = WeightedRandomSampler(weights, len(weights))
-        loader = batch_loader(train_set, cfg.head.batch_size, shuffle=True, sampler=sampler)
-        val_loader = batch_loader(RowsDataset(val_rows, val_t), 4096)
-        fold_dir = run.run_dir / "checkpoints" / name
-        trainer = build_trainer(cfg, run, fold_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
-        log.info(
-            "%s: training on %d images, validating on %d",
-            name,
-            len(train_rows.frame),
-            len(val_rows.frame),
-        )
-        with run.tracker.scope(name, fold=name):  # W&B `fold1/train/loss`, CSV column `fold`
-            trainer.fit(module, loader, val_loader)
-        best = trained_checkpoint(trainer, fold_dir)
-        folds.append(FoldModel(name, load_lightning_module(FungiClassifier, best), best, val_rows))
-        summary.setdefault("folds", {})[name] = {
-            "checkpoint": str(best),
-            "train_images": len(train_rows.frame),
-            "val_images": len(val_rows.frame),
-        }
-    summary["species_ids"] = species_ids
+        frame = frame[keep].reset_index(drop=True)
+        meta, meta_missing[name] = encoder.transform(frame)
+        emb = np.stack([vectors[n] for n in names[keep]])
+        data[name] = Rows(frame, emb, meta)
+    return data, meta_missing
+
+
+@dataclass
+class FoldModel:
+    """A fold's trained head, its best checkpoint and the rows it was validated on."""
+
+    name: str
+    module: FungiClassifier
+    checkpoint: Path
+    val_rows: Rows
+
+
+def fit_folds(
+    cfg: DictConfig, run: RunContext, data: FungiData, callbacks: Sequence[pl.Callback] = ()
+) -> list[FoldModel]:
+    """One head per fold (trained on DF20 + the other folds, validated on its fold; the
+    held-out third is never seen), each loaded back from its best checkpoint with its
+    validation rows (for tuning the open-set threshold out of fold)."""
+    folds = [
+        _fit_fold(cfg, run, data, f"fold{fold}", callbacks)
+        for fold in range(1, cfg.dataset.n_folds)
+    ]
+    run.summary["species_ids"] = data.species_ids
     return folds
+
+
+def _fit_fold(
+    cfg: DictConfig,
+    run: RunContext,
+    data: FungiData,
+    name: str,
+    callbacks: Sequence[pl.Callback],
+) -> FoldModel:
+    """Train fold `name`'s head, keep its best checkpoint and record it in the summary."""
+    train_rows, val_rows = data.fold_rows(name)
+    train_t, val_t = data.targets(train_rows), data.targets(val_rows)
+    counts = np.bincount(train_t["species"], minlength=len(data.species_ids)).tolist()
+    module = fold_module(
+        cfg,
+        embed_dim=train_rows.embedding.shape[1],
+        meta_groups=data.encoder.groups,
+        species_ids=data.species_ids,
+        class_counts=counts,
+        poisonous_classes=data.poison_idx,
+        aux_sizes=data.aux_sizes,
+        context={
+            "backbone": to_container(cfg.backbone),
+            "features": to_container(cfg.features),
+            "encoder": data.encoder.state(),
+            "genus_vocab": data.vocab.get("genus"),
+            "cache_keys": run.summary["cache_keys"],
+        },
+    )
+    loader = _train_loader(cfg, train_rows, train_t, val_t["species"], len(data.species_ids))
+    val_loader = batch_loader(RowsDataset(val_rows, val_t), 4096)
+    fold_dir = run.run_dir / "checkpoints" / name
+    trainer = build_trainer(cfg, run, fold_dir, cfg.fit.monitor, cfg.fit.mode, callbacks)
+    log.info(
+        "%s: training on %d images, validating on %d",
+        name,
+        len(train_rows.frame),
+        len(val_rows.frame),
+    )
+    with run.tracker.scope(name, fold=name):  # W&B `fold1/train/loss`, CSV column `fold`
+        trainer.fit(module, loader, val_loader)
+    best = trained_checkpoint(trainer, fold_dir)
+    fold = FoldModel(name, load_lightning_module(FungiClassifier, best), best, val_rows)
+    run.summary.setdefault("folds", {})[name] = {
+        "checkpoint": str(best),
+        "train_images": len(train_rows.frame),
+        "val_images": len(val_rows.frame),
+    }
+    return fold
+
+
+def _train_loader(
+    cfg: DictConfig,
+    rows: Rows,
+    targets: dict[str, np.ndarray],
+    val_species: np.ndarray,
+    num_classes: int,
+) -> DataLoader:
+    """Shuffled batches of a fold's training rows; with `sampler=val_distribution` drawn so
+    the classes follow the fold's validation distribution."""
+    sampler = None
+    if cfg.sampler == "val_distribution":
+        weights = validation_matching_weights(targets["species"], val_species, num_classes)
+        sampler = WeightedRandomSampler(weights, len(weights))
+    return batch_loader(
+        RowsDataset(rows, targets), cfg.head.batch_size, shuffle=True, sampler=sampler
+    )
 
 
 def _labelled(rows: Rows, index_of: dict[int, int]) -> Rows:
@@ -489,10 +602,22 @@ def _concat_rows(a: Rows, b: Rows) -> Rows:
     )
 
 
-def _observation_predictions(logits_per_model, rows: Rows, species_ids, average, threshold):
-    probs = ensemble_probabilities(logits_per_model, average)
-    obs_ids, obs_probs = aggregate_by_observation(rows.frame["observationID"].to_numpy(), probs)
-    return obs_ids, obs_probs, predict_with_open_set(obs_probs, species_ids, threshold)
+@dataclass
+class Ensemble:
+    """Fold heads as one predictor: their probabilities averaged (`ensemble.average`) per
+    observation, over the label space, with the open-set rule."""
+
+    folds: Sequence[FoldModel]
+    species_ids: list[int]
+    average: str
+    threshold: float | None
+
+    def predict(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+        """(observation ids, predicted class ids; -1 is unknown) for `rows`."""
+        logits = [f.module.predict_logits(rows.embedding, rows.metadata) for f in self.folds]
+        probs = ensemble_probabilities(logits, self.average)
+        ids, obs_probs = aggregate_by_observation(rows.frame["observationID"].to_numpy(), probs)
+        return ids, predict_with_open_set(obs_probs, self.species_ids, self.threshold)
 
 
 def _truth(rows: Rows) -> dict[int, int]:
@@ -500,53 +625,74 @@ def _truth(rows: Rows) -> dict[int, int]:
     return {int(k): int(v) for k, v in first.items()}
 
 
-def _ensemble_and_score(
-    cfg, folds, data, df21_rows, poisonous, test_observations, test_truth, run_dir, tracker, summary
-):
-    species_ids = summary["species_ids"]
-    average = cfg.ensemble.average
-    threshold = cfg.ensemble.open_set_threshold
-    if threshold == "tune":  # on out-of-fold validation predictions: no test data involved
-        oof_ids, oof_probs, oof_truth = [], [], []
-        for fold in folds:
-            logits = fold.module.predict_logits(fold.val_rows.embedding, fold.val_rows.metadata)
-            ids, probs = aggregate_by_observation(
-                fold.val_rows.frame["observationID"].to_numpy(), softmax(logits, axis=1)
-            )
-            truth = _truth(fold.val_rows)
-            oof_ids += ids.tolist()
-            oof_probs.append(probs)
-            oof_truth += [truth[i] for i in ids]
-        track = int(cfg.ensemble.tune_track)
-        threshold, score = tune_entropy_threshold(
-            np.concatenate(oof_probs),
-            species_ids,
-            np.asarray(oof_truth),
-            track=track,
-            poisonous=poisonous,
+def score_ensemble(
+    cfg: DictConfig, run: RunContext, data: FungiData, folds: Sequence[FoldModel]
+) -> None:
+    """Score every fold head and their ensemble on the held-out DF21 third (the run's
+    metrics), then write the public test's submission and score it when its truth exists."""
+    threshold = _open_set_threshold(cfg, run, data, folds)
+    ensemble = Ensemble(folds, data.species_ids, cfg.ensemble.average, threshold)
+    _score_held_out(cfg, run, data, ensemble)
+    if "test" in data.rows:
+        _predict_test(cfg, run, data, ensemble)
+    else:
+        log.warning(
+            "no public-test CSV at %s (dataset.test_csv): no submission written",
+            cfg.dataset.test_csv,
         )
-        summary["open_set"] = {
-            "tuned_threshold": threshold,
-            "tune_track": track,
-            f"oof_track{track}": score,
-        }
-        log.info("open set: entropy threshold %s minimises out-of-fold Track %d", threshold, track)
-    held_out = df21_rows.take(df21_rows.frame["split"].to_numpy() == "test")
+
+
+def _open_set_threshold(
+    cfg: DictConfig, run: RunContext, data: FungiData, folds: Sequence[FoldModel]
+) -> float | None:
+    """`ensemble.open_set_threshold`, or with `tune` the entropy threshold that minimises the
+    tune track on out-of-fold validation predictions: no test data involved."""
+    threshold = cfg.ensemble.open_set_threshold
+    if threshold != "tune":
+        return threshold
+    oof_ids, oof_probs, oof_truth = [], [], []
+    for fold in folds:
+        logits = fold.module.predict_logits(fold.val_rows.embedding, fold.val_rows.metadata)
+        ids, probs = aggregate_by_observation(
+            fold.val_rows.frame["observationID"].to_numpy(), softmax(logits, axis=1)
+        )
+        truth = _truth(fold.val_rows)
+        oof_ids += ids.tolist()
+        oof_probs.append(probs)
+        oof_truth += [truth[i] for i in ids]
+    track = int(cfg.ensemble.tune_track)
+    threshold, score = tune_entropy_threshold(
+        np.concatenate(oof_probs),
+        data.species_ids,
+        np.asarray(oof_truth),
+        track=track,
+        poisonous=data.poisonous,
+    )
+    run.summary["open_set"] = {
+        "tuned_threshold": threshold,
+        "tune_track": track,
+        f"oof_track{track}": score,
+    }
+    log.info("open set: entropy threshold %s minimises out-of-fold Track %d", threshold, track)
+    return threshold
+
+
+def _score_held_out(cfg: DictConfig, run: RunContext, data: FungiData, ensemble: Ensemble) -> None:
+    """Official scores of each fold head alone and of the ensemble, with the ensemble's views."""
+    held_out = data.held_out
     truth = _truth(held_out)
     results = {}
-    members = {f.name: [f] for f in folds}
-    members["ensemble"] = folds  # last: the views below use its predictions
-    for name, models in members.items():
-        logits = [m.module.predict_logits(held_out.embedding, held_out.metadata) for m in models]
-        obs_ids, _, pred = _observation_predictions(
-            logits, held_out, species_ids, average, threshold
-        )
+    members = {f.name: replace(ensemble, folds=[f]) for f in ensemble.folds}
+    members["ensemble"] = ensemble  # last: the views below use its predictions
+    for name, member in members.items():
+        obs_ids, pred = member.predict(held_out)
         results[name] = fungiclef_scores(
-            truth, dict(zip(obs_ids.tolist(), pred.tolist())), poisonous
+            truth, dict(zip(obs_ids.tolist(), pred.tolist())), data.poisonous
         )
+    summary, tracker = run.summary, run.tracker
     summary["held_out_scores"] = results
     summary.setdefault("metrics", {}).update(numeric_metrics(results, "held_out/"))
-    _log_views(cfg, held_out, truth, obs_ids, pred, poisonous, run_dir, tracker, summary)
+    _log_views(cfg, run, held_out, truth, obs_ids, pred, data.poisonous)
     # the parent run's scores: `held_out/ensemble/track1` (= the summary's metrics, so the
     # experiment's optimized_metric has the same name in W&B) and each fold head's
     tracker.log_metrics(numeric_metrics(results, "held_out/"))
@@ -556,45 +702,51 @@ def _ensemble_and_score(
         [[n, *r.values()] for n, r in results.items()],
     )
     log.info("held-out DF21 third: %s", results["ensemble"])
-    if "test" in data:
-        rows = data["test"]
-        logits = [f.module.predict_logits(rows.embedding, rows.metadata) for f in folds]
-        obs_ids, _, pred = _observation_predictions(logits, rows, species_ids, average, threshold)
-        predictions = dict(zip(obs_ids.tolist(), pred.tolist()))
-        # an observation whose images were all unreadable still gets a row (unknown), counted
-        unseen = sorted(set(test_observations) - set(predictions))
-        predictions.update({obs: UNKNOWN for obs in unseen})
-        summary["test_observations_without_images"] = {
-            "count": len(unseen),
-            "examples": unseen[:100],
-        }
-        submission = write_fungiclef_submission(predictions, run_dir / "submission.csv")
-        summary["submission"] = str(submission)
-        if test_truth is not None:
-            scores = fungiclef_scores(test_truth, predictions, poisonous)
-            summary["scores"] = scores
-            summary.setdefault("metrics", {}).update(numeric_metrics(scores, "test/"))
-            write_json(run_dir / "scores.json", scores)
-            tracker.log_metrics({f"test/{k}": v for k, v in scores.items() if v is not None})
-            log.info("official test: %s", scores)
-        else:
-            log.info(
-                "no test ground truth at %s (dataset.test_ground_truth): submission written, "
-                "not scored",
-                cfg.dataset.test_ground_truth,
-            )
+
+
+def _predict_test(cfg: DictConfig, run: RunContext, data: FungiData, ensemble: Ensemble) -> None:
+    """The ensemble's submission for the public test, scored when its truth exists."""
+    summary = run.summary
+    obs_ids, pred = ensemble.predict(data.rows["test"])
+    predictions = dict(zip(obs_ids.tolist(), pred.tolist()))
+    # an observation whose images were all unreadable still gets a row (unknown), counted
+    unseen = sorted(set(data.test_observations) - set(predictions))
+    predictions.update({obs: UNKNOWN for obs in unseen})
+    summary["test_observations_without_images"] = {
+        "count": len(unseen),
+        "examples": unseen[:100],
+    }
+    submission = write_fungiclef_submission(predictions, run.run_dir / "submission.csv")
+    summary["submission"] = str(submission)
+    if data.test_truth is not None:
+        scores = fungiclef_scores(data.test_truth, predictions, data.poisonous)
+        summary["scores"] = scores
+        summary.setdefault("metrics", {}).update(numeric_metrics(scores, "test/"))
+        write_json(run.run_dir / "scores.json", scores)
+        run.tracker.log_metrics({f"test/{k}": v for k, v in scores.items() if v is not None})
+        log.info("official test: %s", scores)
     else:
-        log.warning(
-            "no public-test CSV at %s (dataset.test_csv): no submission written",
-            cfg.dataset.test_csv,
+        log.info(
+            "no test ground truth at %s (dataset.test_ground_truth): submission written, "
+            "not scored",
+            cfg.dataset.test_ground_truth,
         )
 
 
-def _log_views(cfg, held_out: Rows, truth, obs_ids, pred, poisonous, run_dir, tracker, summary):
+def _log_views(
+    cfg: DictConfig,
+    run: RunContext,
+    held_out: Rows,
+    truth: dict[int, int],
+    obs_ids: np.ndarray,
+    pred: np.ndarray,
+    poisonous: set[int],
+) -> None:
     """Poisonous/edible confusion, the worst classes' F1 and an embedding map (ensemble)."""
+    tracker = run.tracker
     y_true = np.array([truth[i] for i in obs_ids.tolist()])
     confusion = poison_confusion(y_true, pred, poisonous)
-    summary["held_out_poison_confusion"] = {"rows=truth(edible,poisonous)": confusion.tolist()}
+    run.summary["held_out_poison_confusion"] = {"rows=truth(edible,poisonous)": confusion.tolist()}
     tracker.log_table(
         "poison_confusion",
         ["truth", "predicted edible", "predicted poisonous"],
@@ -609,7 +761,7 @@ def _log_views(cfg, held_out: Rows, truth, obs_ids, pred, poisonous, run_dir, tr
     image = embedding_map_png(
         held_out.embedding,
         held_out.frame["class_id"].to_numpy(),
-        run_dir / "embedding_map.png",
+        run.run_dir / "embedding_map.png",
         cfg.report.embedding_map,
     )
     if image is not None:
