@@ -11,7 +11,8 @@ computed on each rank's mini-batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,49 +83,149 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=patterns)
 
 
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the training loss, declared once. `name` keys it in `loss_terms` and in the
+    metrics train/<name>, val/<name>; `weight_key` is its weight's place under groupvit.losses
+    (0 = off), `default` the weight when unset; `compute(module, inputs)` returns the term
+    unweighted from the image embedding "image" [B, P] and its `needs`: "caption" [B, P],
+    "labels" [B, K, P] (with "mask" [B, K] and the label "strings"), "attention"
+    [B, patches, G], "affinity" A_ST [B, G, K] (computed from the labels: needs them too)."""
+
+    name: str
+    weight_key: str
+    default: float
+    needs: tuple[str, ...]
+    compute: Callable[[GroupViTFineTuner, dict[str, Any]], Tensor]
+
+
+# The loss is the sum of these terms, each times its weight, in this order.
+TERMS: tuple[LossTerm, ...] = (
+    # image-caption CLIP loss, negatives gathered across ranks
+    LossTerm(
+        "contrastive",
+        "contrastive",
+        1.0,
+        ("caption",),
+        lambda m, x: clip_contrastive_loss(
+            gather_for_contrast(x["image"]), gather_for_contrast(x["caption"]), m.model.scale()
+        ),
+    ),
+    # image vs its K label prompts (plain or non-noisy, optionally with a memory bank)
+    LossTerm(
+        "multi_label",
+        "multi_label",
+        1.0,
+        ("labels",),
+        lambda m, x: m._multi_label(x["image"], x["labels"], x["mask"], x["strings"]),
+    ),
+    # thesis 4.7 entropy penalties: GE, LE, SE
+    LossTerm(
+        "group_entropy",
+        "entropy.group",
+        0.0,
+        ("attention",),
+        lambda m, x: group_entropy(x["attention"]),
+    ),
+    LossTerm(
+        "label_entropy",
+        "entropy.label",
+        0.0,
+        ("attention", "labels", "affinity"),
+        lambda m, x: label_entropy(x["attention"], x["affinity"], x["mask"]),
+    ),
+    LossTerm(
+        "segment_entropy",
+        "entropy.segment",
+        0.0,
+        ("labels", "affinity"),
+        lambda m, x: segment_entropy(
+            x["affinity"],
+            x["mask"],
+            group_weight=m.weights.segment_group_weight,
+            label_weight=m.weights.segment_label_weight,
+        ),
+    ),
+)
+
+
+def _flat_losses(losses: dict[str, Any]) -> dict[str, Any]:
+    """groupvit.losses as one flat dict of term names and options. A term's weight is read at its
+    `weight_key` (`entropy.group`) and also, as always, under its name (`group_entropy`) at the
+    top level or in that section; a section's other keys (`entropy.segment_group_weight`) are
+    options like the top-level ones, and a section's value wins over a top-level one."""
+    names = {term.weight_key: term.name for term in TERMS}
+    sections = {key.rpartition(".")[0] for key in names} - {""}
+    top = {key: name for key, name in names.items() if "." not in key}
+    values = {top.get(k, k): v for k, v in losses.items() if k not in sections}
+    for section in sorted(sections):
+        for key, value in dict(losses.get(section) or {}).items():
+            values[names.get(f"{section}.{key}", key)] = value
+    return values
+
+
 @dataclass
 class LossWeights:
-    contrastive: float = 1.0
-    multi_label: float = 1.0
+    """groupvit.losses, read: each declared term's weight (`TERMS`, by name; also readable as
+    an attribute, `weights.group_entropy`) and the options of the multi-label and
+    segment-entropy terms."""
+
+    weight: dict[str, float] = field(default_factory=lambda: {t.name: t.default for t in TERMS})
     non_noisy: bool = False
     # where the non-noisy loss finds its pairs: "global" (the gathered multi-GPU batch) or
     # "local" (each GPU's mini-batch, positives and negatives; the thesis's code)
     non_noisy_scope: str = "global"
     memory_bank: int = 0
-    group_entropy: float = 0.0
-    label_entropy: float = 0.0
-    segment_entropy: float = 0.0
     segment_group_weight: float = 0.2
     segment_label_weight: float = 0.1
 
+    def __getattr__(self, name: str) -> float:
+        weight = self.__dict__.get("weight", {})
+        if name in weight:
+            return weight[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @classmethod
     def from_config(cls, losses: dict[str, Any]) -> LossWeights:
-        entropy_cfg = dict(losses.get("entropy") or {})
-        values = {k: v for k, v in losses.items() if k != "entropy"}
-        mapping = {"group": "group_entropy", "label": "label_entropy", "segment": "segment_entropy"}
-        for key, value in entropy_cfg.items():
-            values[mapping.get(key, key)] = value
+        values = _flat_losses(losses)
+        weight = {term.name: values.pop(term.name, term.default) for term in TERMS}
         try:
-            weights = cls(**values)
+            weights = cls(weight, **values)
         except TypeError as err:
             raise ValueError(f"groupvit.losses: {err}") from err
-        if weights.contrastive < 0 or weights.multi_label < 0 or weights.memory_bank < 0:
+        contrastive, multi_label = weight["contrastive"], weight["multi_label"]
+        if contrastive < 0 or multi_label < 0 or weights.memory_bank < 0:
             raise ValueError("groupvit.losses weights and memory_bank must be >= 0")
-        if weights.contrastive == 0 and weights.multi_label == 0:
+        if contrastive == 0 and multi_label == 0:
             raise ValueError("groupvit.losses: contrastive and multi_label are both 0")
-        if weights.memory_bank and not weights.multi_label:
+        if weights.memory_bank and not multi_label:
             raise ValueError("groupvit.losses.memory_bank needs the multi-label loss")
         if weights.non_noisy_scope not in CONTRAST_SCOPES:
             raise ValueError(
                 f"groupvit.losses.non_noisy_scope must be one of {list(CONTRAST_SCOPES)}, "
                 f"got {weights.non_noisy_scope!r}"
             )
-        if weights.non_noisy_scope != "global" and not (weights.non_noisy and weights.multi_label):
+        if weights.non_noisy_scope != "global" and not (weights.non_noisy and multi_label):
             raise ValueError(
                 "groupvit.losses.non_noisy_scope=local applies to the non-noisy multi-label loss: "
                 "set groupvit.losses.non_noisy=true and groupvit.losses.multi_label > 0"
             )
         return weights
+
+    @property
+    def active(self) -> tuple[LossTerm, ...]:
+        """The terms computed, in `TERMS` order: those with a non-zero weight, except that
+        without label embeddings only the caption terms run (a GE weight beside the contrastive
+        term alone is not computed: the behaviour of the code this table replaced)."""
+        on = [term for term in TERMS if self.weight[term.name]]
+        if not any("labels" in term.needs for term in on):
+            on = [term for term in on if "caption" in term.needs]
+        return tuple(on)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The inputs the active terms read."""
+        return frozenset(need for term in self.active for need in term.needs)
 
     @property
     def local_multi_label(self) -> bool:
@@ -133,7 +234,7 @@ class LossWeights:
 
     @property
     def needs_labels(self) -> bool:
-        return bool(self.multi_label or self.label_entropy or self.segment_entropy)
+        return "labels" in self.needs
 
 
 def segment_label_logits(
@@ -165,7 +266,7 @@ class GroupViTFineTuner(pl.LightningModule):
         self.weights = LossWeights.from_config(losses)
         select_trainable(model, trainable)
         # a scale whose loss is off gets no gradient (DDP would fail on it): keep it frozen
-        if not self.weights.contrastive:
+        if not self.weights.weight["contrastive"]:
             model.logit_scale.requires_grad_(False)
         if not self.weights.needs_labels:
             model.multi_label_logit_scale.requires_grad_(False)
@@ -229,37 +330,29 @@ class GroupViTFineTuner(pl.LightningModule):
         return caption, flat.reshape(b, k, -1)
 
     def loss_terms(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], ImageEncoding]:
-        weights, model = self.weights, self.model
-        encoding = model.encode_image(batch["image"])
-        image = F.normalize(model.project_image(encoding).float(), dim=-1)
-        terms: dict[str, Tensor] = {}
-        caption, labels = self._encode_texts(batch, bool(weights.contrastive), weights.needs_labels)
-        if weights.contrastive:
-            terms["contrastive"] = clip_contrastive_loss(
-                gather_for_contrast(image), gather_for_contrast(caption), model.scale()
-            )
-        if not weights.needs_labels:
-            return terms, encoding
-        mask = batch["label_mask"].bool()
-        if weights.multi_label:
-            terms["multi_label"] = self._multi_label(image, labels, mask, batch["labels"])
-        if weights.group_entropy or weights.label_entropy:
-            attention = patch_group_attention(encoding.soft_maps)
-            if weights.group_entropy:
-                terms["group_entropy"] = group_entropy(attention)
-        if weights.label_entropy or weights.segment_entropy:
-            segments = F.normalize(model.project_segments(encoding).float(), dim=-1)
-            affinity = segment_label_logits(segments, labels, mask, model.multi_label_scale())
-            if weights.label_entropy:
-                terms["label_entropy"] = label_entropy(attention, affinity, mask)
-            if weights.segment_entropy:
-                terms["segment_entropy"] = segment_entropy(
-                    affinity,
-                    mask,
-                    group_weight=weights.segment_group_weight,
-                    label_weight=weights.segment_label_weight,
-                )
-        return terms, encoding
+        """The active terms (`LossWeights.active`), unweighted: what train/<name> and val/<name>
+        log."""
+        encoding = self.model.encode_image(batch["image"])
+        inputs = self._term_inputs(batch, encoding)
+        return {term.name: term.compute(self, inputs) for term in self.weights.active}, encoding
+
+    def _term_inputs(self, batch: dict[str, Any], encoding: ImageEncoding) -> dict[str, Any]:
+        """The image embedding and what the active terms need (`LossTerm`)."""
+        needs, model = self.weights.needs, self.model
+        x = {"image": F.normalize(model.project_image(encoding).float(), dim=-1)}
+        x["caption"], x["labels"] = self._encode_texts(batch, "caption" in needs, "labels" in needs)
+        if "labels" in needs:
+            x["mask"], x["strings"] = batch["label_mask"].bool(), batch["labels"]
+        if "attention" in needs:
+            x["attention"] = patch_group_attention(encoding.soft_maps)
+        if "affinity" in needs:
+            x["affinity"] = self._affinity(encoding, x["labels"], x["mask"])
+        return x
+
+    def _affinity(self, encoding: ImageEncoding, labels: Tensor, mask: Tensor) -> Tensor:
+        """A_ST [B, G, K] of the image's segments and its label embeddings."""
+        segments = F.normalize(self.model.project_segments(encoding).float(), dim=-1)
+        return segment_label_logits(segments, labels, mask, self.model.multi_label_scale())
 
     def _multi_label(
         self, image: Tensor, labels: Tensor, mask: Tensor, strings: list[list[str]]
@@ -304,16 +397,13 @@ class GroupViTFineTuner(pl.LightningModule):
             self.memory_bank.enqueue(labels_all.reshape(-1, labels_all.shape[-1])[flat_mask], kept)
         return loss
 
+    def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each term times its weight (`LossTerm.weight_key`): the named parts of the loss."""
+        return {name: self.weights.weight[name] * value for name, value in terms.items()}
+
     def _weighted_total(self, terms: dict[str, Tensor]) -> Tensor:
-        w = self.weights
-        factors = {
-            "contrastive": w.contrastive,
-            "multi_label": w.multi_label,
-            "group_entropy": w.group_entropy,
-            "label_entropy": w.label_entropy,
-            "segment_entropy": w.segment_entropy,
-        }
-        return sum(factors[name] * value for name, value in terms.items())
+        """The loss (train/loss, val/loss): the sum of the weighted terms."""
+        return sum(self.weighted_terms(terms).values())
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -359,8 +449,7 @@ class GroupViTFineTuner(pl.LightningModule):
         if self.weights.needs_labels:
             mask = batch["label_mask"].bool()
             _, labels = self._encode_texts(batch, captions=False, labels=True)
-            segments = F.normalize(self.model.project_segments(encoding).float(), dim=-1)
-            affinity = segment_label_logits(segments, labels, mask, self.model.multi_label_scale())
+            affinity = self._affinity(encoding, labels, mask)
             affinity = affinity.masked_fill(~mask[:, None, :], float("-inf"))
             per_patch = attention @ affinity.softmax(dim=-1)
             label_map = entropy(per_patch, dim=-1)
