@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import vitlab.data.shards as shards_module
 import vitlab.stages.embed as embed_module
 import vitlab.stages.prepare as prepare_module
 from tests.test_engines import _prepare_and_embed, _rows
+from vitlab.atomic import WRITER_HOST, temp_path
 from vitlab.cache import file_sha256
 from vitlab.cli import main as vitlab_cli
-from vitlab.data.shards import MANIFEST, STALE_TEMP_AGE_S, ShardedStage, shard_name, temp_path
+from vitlab.data.shards import MANIFEST, STALE_TEMP_AGE_S, ShardedStage, shard_name
 from vitlab.engines import LocalEngine
 
 
@@ -208,7 +208,7 @@ def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
     stage = ShardedStage(tmp_path / "stage", "k", {})
     live_writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        host = shards_module._HOST
+        host = WRITER_HOST
         final = stage.directory / shard_name(0)
         mine = temp_path(final)  # this (live) process
         live = final.with_name(f".{final.name}.tmp-{host}-{live_writer.pid}-1")

@@ -80,6 +80,22 @@ def test_local_and_spark_give_the_same_rows_and_embeddings(tiny_plantclef, tmp_p
         assert not stage.verify(checksum=True)
 
 
+def test_collages_on_spark_equal_the_local_ones(tiny_plantclef, tmp_path, spark_engine):
+    from vitlab.stages.collages import CollageParams, build_collages
+
+    settings = CollageParams(enabled=True, per_image=0.5, species=(0, 2))
+    stages = {}
+    for name, engine in (("local", LocalEngine()), ("spark", spark_engine)):
+        prepared, _ = _prepare_and_embed(tiny_plantclef, tmp_path / name, LocalEngine())
+        stages[name] = build_collages(
+            prepared, tmp_path / name, settings, PARAMS.image_size, engine
+        )
+    local, spark = (_rows(stages[n]) for n in ("local", "spark"))
+    assert len(local) > 0 and stages["local"].key == stages["spark"].key
+    for column in ("image_name", "species_ids", "learn_tag", "image"):
+        assert local.column(column).equals(spark.column(column)), column
+
+
 def test_test_tiles_on_spark_equal_the_local_ones(tiny_plantclef, tmp_path, spark_engine):
     from vitlab.data.plantclef import list_test_images
     from vitlab.inference.plantclef import GridArgmax

@@ -84,13 +84,20 @@ def gpu_refusal(option: str) -> str | None:
 
 
 HUB = "backbone.model_id"
+MULTILABEL_LOSSES = ("bce", "asl", "focal_bce")
 # (pipeline, group, option) -> the key its ConfigError names. Everything else must run.
 REFUSED = {
     ("plantclef", "loss", "seesaw_poison"): "loss",  # PlantCLEF has no poison list
     ("plantclef", "head", "fungi_mlp"): "head.model",
     ("plantclef", "head", "fungi_transformer"): "head.model",
     ("fungiclef", "loss", "nll"): "loss",  # FungiCLEF heads output logits
+    # multi-label losses need a head without log-softmax (experiment=plantclef_multilabel)
+    **{("plantclef", "loss", name): "head.model.log_softmax" for name in MULTILABEL_LOSSES},
+    **{("fungiclef", "loss", name): "loss" for name in MULTILABEL_LOSSES},  # one species each
+    # thresholds chosen on validation data need a multi-label loss
+    ("plantclef", "inference", "pooled_threshold"): "inference.threshold",
     ("fungiclef", "head", "linear"): "head",
+    ("fungiclef", "head", "mlp"): "head",  # takes no observation metadata
     **{
         (pipeline, "trainer", option): gpu_refusal(option)
         for pipeline in GROUPS

@@ -242,3 +242,50 @@ def test_transformers_export_without_processor_and_with_a_foreign_vocabulary(tmp
     assert main(["groupvit", "export", str(odd), str(tmp_path / "o")]) == 2
     assert "vocabulary" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_logit_scale_max_plain_overrides_reach_the_model(tmp_path):
+    """`groupvit.model.overrides.logit_scale_max` composes without `+` in every model config:
+    `default` is DEFAULT_LOGIT_SCALE_MAX and wins over the clamp an older vitlab checkpoint
+    saved (the config won before the key became a sentinel); a number or null (no clamp) reach
+    the model; a bad value is a ConfigError naming the key."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from tests.conftest import compose_config
+    from vitlab.errors import ConfigError
+    from vitlab.models.groupvit.model import DEFAULT_LOGIT_SCALE_MAX
+    from vitlab.pipelines.groupvit import build_groupvit, validate_groupvit
+
+    models = Path(__file__).resolve().parents[1] / "configs" / "groupvit" / "model"
+    for path in models.glob("*.yaml"):
+        overrides = yaml.safe_load(path.read_text()).get("overrides")
+        inherited = "defaults" in path.read_text()
+        assert inherited or overrides["logit_scale_max"] == "default", path.name
+
+    key = "groupvit.model.overrides.logit_scale_max"
+    base = ["experiment=quickstart_groupvit"]
+    cfg = compose_config("train", base, tmp_path)
+    assert build_groupvit(cfg.groupvit.model).logit_scale_max == DEFAULT_LOGIT_SCALE_MAX == 100.0
+    for value, clamp in [("50", 50.0), ("null", None)]:
+        cfg = compose_config("train", [*base, f"{key}={value}"], tmp_path)
+        assert build_groupvit(cfg.groupvit.model).logit_scale_max == clamp
+
+    # an older vitlab checkpoint saved its clamp in its spec: the config's clamp wins
+    model = GroupViT(tiny_spec())
+    legacy = {"groupvit_spec": {**model.spec.to_dict(), "logit_scale_max": 50.0}}
+    torch.save({**legacy, "state_dict": model.state_dict()}, tmp_path / "old.pt")
+    source = [*base, f"groupvit.model.source={tmp_path / 'old.pt'}", "groupvit.model.kind=vitlab"]
+    cfg = compose_config("train", source, tmp_path)
+    assert build_groupvit(cfg.groupvit.model).logit_scale_max == 100.0
+    cfg = compose_config("train", [*source, f"{key}=null"], tmp_path)
+    assert build_groupvit(cfg.groupvit.model).logit_scale_max is None
+
+    for bad in ("0", "-3", "huge"):
+        cfg = compose_config("train", [*base, "dataset.root=/coco", f"{key}={bad}"], tmp_path)
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}="):
+            validate_groupvit(cfg)
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}="):
+            build_groupvit(cfg.groupvit.model)

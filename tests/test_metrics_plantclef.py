@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, precision_score, recall_score
 from sklearn.preprocessing import MultiLabelBinarizer
 
 from vitlab.data.plantclef import read_submission, write_submission
@@ -41,6 +41,8 @@ def _sklearn_scores(truth, submission):
         "macro_f1_per_plot": f1_score(t, p, average="samples", zero_division=0),
         "macro_f1_per_species": f1_score(t, p, average="macro", zero_division=0),
         "micro_f1": f1_score(t, p, average="micro", zero_division=0),
+        "micro_precision": precision_score(t, p, average="micro", zero_division=0),
+        "micro_recall": recall_score(t, p, average="micro", zero_division=0),
     }
 
 
@@ -103,7 +105,13 @@ def test_cli_prints_json_and_warns_about_missing_plots(tmp_path):
     out = _score_files(truth, write_submission({"a": [1, 2]}, tmp_path / "s.csv"))
     assert out.returncode == 0, out.stderr
     scores = json.loads(out.stdout)
-    assert set(scores) == {"macro_f1_per_plot", "macro_f1_per_species", "micro_f1"}
+    assert set(scores) == {
+        "macro_f1_per_plot",
+        "macro_f1_per_species",
+        "micro_f1",
+        "micro_precision",
+        "micro_recall",
+    }
     assert scores["macro_f1_per_plot"] == pytest.approx(0.5)
     assert "missing from the submission" in out.stderr
 

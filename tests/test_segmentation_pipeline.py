@@ -84,3 +84,25 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     cfg = _config(tmp_path, f"ckpt_path={tmp_path}/nope.pt")
     with pytest.raises(ConfigError, match="nope.pt"):
         evaluate_segmentation(cfg)
+
+
+def test_logit_scale_max_plain_overrides_reach_the_model(tmp_path):
+    """`segmentation.logit_scale_max` composes without `+`: `default` (the config's) is the
+    model's DEFAULT_LOGIT_SCALE_MAX, a number or null (no clamp) reach the model, `++` works
+    too, and a bad value is a ConfigError naming the key before any work."""
+    from vitlab.models.groupvit.model import DEFAULT_LOGIT_SCALE_MAX
+    from vitlab.pipelines.segmentation import load_segmentation_model, validate_segmentation
+
+    cfg = _config(tmp_path)
+    assert cfg.segmentation.logit_scale_max == "default"
+    assert load_segmentation_model(cfg).logit_scale_max == DEFAULT_LOGIT_SCALE_MAX == 100.0
+    for override, clamp in [("=50", 50.0), ("=null", None), ("=2.5", 2.5)]:
+        for prefix in ("", "++"):
+            cfg = _config(tmp_path, f"{prefix}segmentation.logit_scale_max{override}")
+            assert load_segmentation_model(cfg).logit_scale_max == clamp
+    for bad in ("0", "-1", "huge", "true"):
+        cfg = _config(tmp_path, f"segmentation.logit_scale_max={bad}")
+        with pytest.raises(ConfigError, match=r"segmentation\.logit_scale_max="):
+            validate_segmentation(cfg)
+        with pytest.raises(ConfigError, match=r"segmentation\.logit_scale_max="):
+            load_segmentation_model(cfg)

@@ -40,7 +40,7 @@ def _crafted_pickle(tmp_path: Path) -> tuple[Path, Path]:
 BYPASSES = [
     "vitlab.safe_load.torch.load",  # an attribute chain out of an allowed module
     "torch.nn.modules.module.torch.load",
-    "vitlab.data.shards.atomic_write_text",  # a vitlab function that writes any file
+    "vitlab.atomic.atomic_write_text",  # a vitlab function that writes any file
     "torch.nn.functional.relu",
     "pytorch_lightning.cli.LightningCLI",  # builds whatever its own config names
     "vitlab.pipelines.plantclef.load_head_predictor",
@@ -149,7 +149,7 @@ def test_added_top_level_keys_are_the_dotted_plus_overrides():
     [
         (
             [
-                "+hydra.callbacks.x._target_=vitlab.data.shards.atomic_write_text",
+                "+hydra.callbacks.x._target_=vitlab.atomic.atomic_write_text",
                 "+hydra.callbacks.x.path={victim}",
                 "+hydra.callbacks.x.text=pwned",
             ],
@@ -159,7 +159,7 @@ def test_added_top_level_keys_are_the_dotted_plus_overrides():
             ["+callbacks.x._target_=vitlab.safe_load.torch.load", "+callbacks.x.f={victim}"],
             "callbacks.x._target_",
         ),
-        (["+logger.x._target_=vitlab.data.shards.atomic_write_text"], "logger.x._target_"),
+        (["+logger.x._target_=vitlab.atomic.atomic_write_text"], "logger.x._target_"),
         (
             ["+trainer.plugins._target_=torch.nn.modules.module.torch.load"],
             "trainer.plugins._target_",

@@ -1,6 +1,7 @@
 """Atomic outputs for writers that want a path (matplotlib, PIL, csv, torch.save): write to a
 temporary name in the same folder, then rename, so a killed run never leaves half a file that
-looks whole. Text/JSON go through `vitlab.data.shards.atomic_write_text`.
+looks whole. Bytes, text and JSON go through `atomic_write_bytes` / `atomic_write_text`, whose
+temp names (`temp_path`) carry their writer's host, pid namespace, pid and thread.
 
 A write that fails says which file: `write_error` gives an OSError from `write()` (which names
 no file) the path being written, and turns a full disk or quota (ENOSPC, EDQUOT) into an
@@ -10,11 +11,16 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -74,3 +80,38 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _writer_host() -> str:
+    """This machine and pid namespace as one file-name token: pids are comparable only within
+    it (two containers may share a host name but not their pids)."""
+    host = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"
+    try:
+        return f"{host}.ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
+WRITER_HOST = _writer_host()
+
+
+def temp_path(final: Path) -> Path:
+    """The temp name a writer in this process/thread uses for `final` (same folder)."""
+    name = f".{final.name}.tmp-{WRITER_HOST}-{os.getpid()}-{threading.get_ident()}"
+    return final.with_name(name)
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview | pa.Buffer) -> None:
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

@@ -117,6 +117,15 @@ def target_refusal(target: Any, extra_prefixes: tuple[str, ...] = ()) -> str | N
     )
 
 
+def locate_target(target: Any) -> Any:
+    """The object a `_target_` dotted path names, resolved as Hydra resolves it (attribute chains
+    too: `vitlab.losses.SeesawLoss` and `vitlab.losses.classification.SeesawLoss` are one class);
+    None when `target_refusal` refuses it, so nothing outside the allowed packages is imported."""
+    if target_refusal(target, _extra_target_prefixes) is not None:
+        return None
+    return _locate(target)
+
+
 def check_targets(node: Any, key: str) -> None:
     """Every `_target_` in the tree under `node` (nested nodes and lists too) must name an object
     a config may build (`target_refusal`); the error names the offending key path."""

@@ -61,7 +61,7 @@ def _cell(value: Any) -> str:
 
 def write_table(path: Path, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
     """The table as CSV (atomically: temp + rename)."""
-    from vitlab.data.shards import atomic_write_text
+    from vitlab.atomic import atomic_write_text
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -141,7 +141,7 @@ def failed_multirun_job(err: BaseException) -> bool:
 
 
 def _write_job_status(folder: Path, err: BaseException | None) -> None:
-    from vitlab.data.shards import atomic_write_text
+    from vitlab.atomic import atomic_write_text
 
     error = f"{type(err).__name__}: {err}" if err is not None else "unknown error"
     status = {"status": "failed", "error": error}

@@ -29,10 +29,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vitlab.atomic import atomic_write_text
 from vitlab.config import to_container
-from vitlab.data.shards import atomic_write_text
+from vitlab.deprecations import renamed_error, renamed_keys
 from vitlab.errors import ConfigError
-from vitlab.pipelines.base import RENAMED_KEYS
 from vitlab.run_tables import format_table, write_table
 from vitlab.secrets import mask_log_handlers, mask_secrets
 from vitlab.sweeps import (
@@ -224,14 +224,14 @@ def check_params(
     params: Mapping[str, Any], where: Callable[[str], str], probe: Callable[[list[str]], Any]
 ) -> None:
     """Each `sweep.params` entry: a key that exists (a renamed one names its new place, from
-    `RENAMED_KEYS`), a valid spec, `when` conditions on earlier parameters, and values that
+    `vitlab.deprecations`), a valid spec, `when` conditions on earlier parameters, and values that
     compose (every choice; the low bound) with its conditions."""
     earlier: list[str] = []
     for key, p in params.items():
         here = f"{where(f'params.{key}')}: sweep.params.{key}"
         name = key.lstrip("~+")
-        if name in RENAMED_KEYS:
-            raise ConfigError(f"{here}: {name} was renamed: use {RENAMED_KEYS[name]}")
+        if name in renamed_keys():
+            raise ConfigError(f"{here}: {renamed_error(name)}")
         kind = p.get("type") if isinstance(p, Mapping) else None
         if kind not in PARAM_TYPES:
             raise ConfigError(f"{here}.type={kind!r} is not one of {list(PARAM_TYPES)}")

@@ -44,12 +44,13 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from vitlab.atomic import (
     OutOfSpaceError,
     atomic_output,
+    atomic_write_text,
     is_out_of_space,
     raise_naming,
+    temp_path,
     write_error,
 )
 from vitlab.config import to_container
-from vitlab.data.shards import atomic_write_text, temp_path
 from vitlab.errors import ConfigError
 from vitlab.secrets import mask_secrets, mask_tree
 

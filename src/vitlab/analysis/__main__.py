@@ -46,6 +46,11 @@ from vitlab.models.groupvit.checkpoints import (
     CheckpointError,
     resolve_checkpoint_source,
 )
+from vitlab.models.groupvit.model import (
+    DEFAULT_LOGIT_SCALE_MAX,
+    LOGIT_SCALE_MAX_DEFAULT,
+    resolve_logit_scale_max,
+)
 from vitlab.models.groupvit.text import EVAL_TEMPLATE
 
 TOOLS = ("knn", "alignment", "entropy", "compare")
@@ -76,7 +81,15 @@ def _unit_float(text: str) -> float:
 
 
 def _scale_max(text: str) -> float | None:
-    return None if text.lower() in ("none", "null") else float(text)
+    """--logit-scale-max: a number > 0, `none`/`null` (no clamp) or `default` (the model's)."""
+    word = text.lower()
+    if word in ("none", "null"):
+        return None
+    try:
+        value = word if word == LOGIT_SCALE_MAX_DEFAULT else float(text)
+        return resolve_logit_scale_max(value, "--logit-scale-max")
+    except ValueError as err:  # ConfigError is one
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _add_model(parser: argparse.ArgumentParser, *names: str, required: bool = True) -> None:
@@ -95,8 +108,9 @@ def _add_model(parser: argparse.ArgumentParser, *names: str, required: bool = Tr
     parser.add_argument(
         "--logit-scale-max",
         type=_scale_max,
-        default=100.0,
-        help="clamp of exp(logit_scale) (the reference's 100; 'none' = no clamp)",
+        default=DEFAULT_LOGIT_SCALE_MAX,
+        help=f"clamp of exp(logit_scale) (default {DEFAULT_LOGIT_SCALE_MAX}, the reference's; "
+        "'none' = no clamp)",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
 
@@ -411,14 +425,14 @@ def _evaluate_checkpoints(args: argparse.Namespace, out: Path) -> tuple[dict, di
 
     spec = _spec(args.dataset)
     samples = dataset_samples(spec.name, args.root, args.split, args.limit)
-    settings = SegmentationSettings(
+    settings = SegmentationSettings.for_dataset(
+        spec,
         short_side=args.short_side,
         crop=args.crop,
         stride=args.stride,
-        bg_threshold=spec.bg_threshold if args.bg_threshold is None else args.bg_threshold,
         top_k=args.top_k,
-        has_background=spec.has_background,
         crops_per_batch=args.crops_per_batch,
+        bg_threshold=args.bg_threshold,
     )
     # both loaded before either is evaluated: a bad --ckpt-b fails at once
     models = [

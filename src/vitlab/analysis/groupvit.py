@@ -57,7 +57,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from vitlab.data.segmentation import SegmentationDatasetSpec, SegmentationSample
+from vitlab.data.segmentation import (
+    DEFAULT_BG_THRESHOLD,
+    SegmentationDatasetSpec,
+    SegmentationSample,
+    background_threshold,
+)
 from vitlab.inference.segmentation import (
     add_background,
     group_class_scores,
@@ -326,7 +331,7 @@ def paint_regions(truth: Any, region_scores: Tensor, ignore_index: int = 255) ->
 
 
 def background_group_scores(
-    group_scores: Tensor, mode: str = "rule", bg_threshold: float = 0.95
+    group_scores: Tensor, mode: str = "rule", bg_threshold: float = DEFAULT_BG_THRESHOLD
 ) -> Tensor:
     """[G] background score of each group from its [G, C_fg] foreground scores (see module
     docstring): `rule` is the evaluation's background channel, `complement` 1 - best score."""
@@ -360,7 +365,7 @@ def run_alignment(
     if background not in BACKGROUND_SCORES:
         raise ValueError(f"background score {background!r} is not one of {BACKGROUND_SCORES}")
     start = time.perf_counter()
-    threshold = spec.bg_threshold if bg_threshold is None else bg_threshold
+    threshold = background_threshold(spec, bg_threshold)
     ignore = spec.ignore_index
     fg_names = spec.prompt_names
     without = ConfusionMatrixAccumulator(len(fg_names), ignore)

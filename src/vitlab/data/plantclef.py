@@ -402,7 +402,7 @@ def parse_species_ids(text: str) -> list[int]:
 
 def write_submission(predictions: Mapping[str, Sequence[int]], path: str | Path) -> Path:
     """Write `plot_id;species_ids` rows, sorted by plot id, atomically (temp file + rename)."""
-    from vitlab.data.shards import atomic_write_text
+    from vitlab.atomic import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

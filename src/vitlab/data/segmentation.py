@@ -37,7 +37,9 @@ the metric counts, and uses the names GroupViT's reference evaluation puts in it
 A dataset whose class 0 is background (`has_background`) gets no prompt for it: the zero-shot
 rule labels a pixel background when its best foreground score is below `bg_threshold`
 (`prompt_names` are the names to embed). ADE20K has no background class, so its `bg_threshold`
-is never used; it is kept (0.95, the thesis's value) only so every config looks alike.
+is never used; it is kept (0.95, the thesis's value) only so every spec looks alike.
+`DATASETS` is the one declaration of each dataset's threshold; a run overrides it with
+`segmentation.bg_threshold` (`background_threshold`), the analysis CLI with `--bg-threshold`.
 
 reduce_zero_label (ADE20K: raw 0 = "other" -> ignored, k -> k-1) is applied exactly ONCE, by the
 metric: `read_label_map` returns the RAW map by default and the evaluation builds its
@@ -70,6 +72,7 @@ from vitlab.data.voc import (
     read_label_png,
     read_voc_split,
 )
+from vitlab.deprecations import read_deprecated
 from vitlab.errors import DatasetFormatError
 
 __all__ = [
@@ -79,6 +82,7 @@ __all__ = [
     "PASCAL_CONTEXT_CLASSES",
     "SegmentationDatasetSpec",
     "SegmentationSample",
+    "background_threshold",
     "dataset_samples",
     "ensure_synthetic_voc",
     "segmentation_spec",
@@ -216,12 +220,14 @@ class SegmentationDatasetSpec:
         }
 
 
+DEFAULT_BG_THRESHOLD = 0.95
+"""VOC's background threshold (the thesis's and GroupViT's), the default where none is given."""
 _VOC_LIKE: dict[str, Any] = {"class_names": VOC_PROMPT_NAMES, "has_background": True}
 
 DATASETS: dict[str, SegmentationDatasetSpec] = {
     spec.name: spec
     for spec in (
-        SegmentationDatasetSpec(name="pascal_voc", bg_threshold=0.95, **_VOC_LIKE),
+        SegmentationDatasetSpec(name="pascal_voc", bg_threshold=DEFAULT_BG_THRESHOLD, **_VOC_LIKE),
         SegmentationDatasetSpec(
             name="pascal_context",
             class_names=PASCAL_CONTEXT_CLASSES,
@@ -251,7 +257,7 @@ DATASETS: dict[str, SegmentationDatasetSpec] = {
             name="ade20k",
             class_names=ADE20K_CLASSES,
             has_background=False,
-            bg_threshold=0.95,  # unused: ADE20K has no background class
+            bg_threshold=DEFAULT_BG_THRESHOLD,  # unused: ADE20K has no background class
             reduce_zero_label=True,
             root_hint="ADEChallengeData2016",
             images_dir="images/{split}",
@@ -259,7 +265,9 @@ DATASETS: dict[str, SegmentationDatasetSpec] = {
             split_list=None,
             split_aliases=(("val", "validation"), ("train", "training")),
         ),
-        SegmentationDatasetSpec(name="synthetic_voc", bg_threshold=0.95, **_VOC_LIKE),
+        SegmentationDatasetSpec(
+            name="synthetic_voc", bg_threshold=DEFAULT_BG_THRESHOLD, **_VOC_LIKE
+        ),
     )
 }
 
@@ -394,13 +402,20 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 
 def spec_from_config(cfg: Mapping[str, Any] | Any) -> SegmentationDatasetSpec:
-    """The spec named by a segmentation `dataset` config, with its `bg_threshold` if set."""
+    """The spec named by a segmentation `dataset` config, with the deprecated
+    `dataset.bg_threshold` if set (a FutureWarning naming `segmentation.bg_threshold`)."""
     plain = _plain(cfg)
     spec = segmentation_spec(plain["name"])
-    threshold = plain.get("bg_threshold")
+    threshold = read_deprecated("dataset.bg_threshold", plain.get("bg_threshold"))
     if threshold is not None and threshold != spec.bg_threshold:
         spec = dataclasses.replace(spec, bg_threshold=float(threshold))
     return spec
+
+
+def background_threshold(spec: SegmentationDatasetSpec, override: float | None = None) -> float:
+    """The background threshold a run uses: `override` (`segmentation.bg_threshold`,
+    `--bg-threshold`) if given, else the dataset's."""
+    return float(spec.bg_threshold if override is None else override)
 
 
 def ensure_synthetic_voc(cfg: Mapping[str, Any] | Any) -> Path:

@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import re
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vitlab.atomic import WRITER_HOST, atomic_write_bytes, atomic_write_text
 from vitlab.cache import file_sha256
 
 log = logging.getLogger(__name__)
@@ -50,30 +49,12 @@ _STAGE_FILE_RE = re.compile(
 # a writer) is removed only once it is this old: no shard or manifest write takes hours, and a
 # leftover temp only costs disk until then.
 STALE_TEMP_AGE_S = 6 * 3600
+# the names `vitlab.atomic.temp_path` gives (the writer's host token is `WRITER_HOST`)
 _TEMP_RE = re.compile(r"^\.(?P<target>.+?)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<thread>\d+)$")
 
 
 class CorruptShardError(RuntimeError):
     """A shard a stage needs failed verification and the stage cannot recompute it here."""
-
-
-def _writer_host() -> str:
-    """This machine and pid namespace as one file-name token: pids are comparable only within
-    it (two containers may share a host name but not their pids)."""
-    host = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"
-    try:
-        return f"{host}.ns{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return host
-
-
-_HOST = _writer_host()
-
-
-def temp_path(final: Path) -> Path:
-    """The temp name a writer in this process/thread uses for `final` (same folder)."""
-    name = f".{final.name}.tmp-{_HOST}-{os.getpid()}-{threading.get_ident()}"
-    return final.with_name(name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -90,7 +71,7 @@ def is_stale_temporary(path: Path, now: float | None = None) -> bool:
     """True for a temp file whose writer is gone: this host's writer pid is dead, or (another
     host, or a name without a writer) the file is older than `STALE_TEMP_AGE_S`."""
     match = _TEMP_RE.match(path.name)
-    if match and match["host"] == _HOST:
+    if match and match["host"] == WRITER_HOST:
         return not _pid_alive(int(match["pid"]))
     try:
         age = (time.time() if now is None else now) - path.stat().st_mtime
@@ -104,22 +85,6 @@ def is_stage_file(name: str) -> bool:
     `vitlab cache rm` deletes (anything else in an entry folder is not vitlab's)."""
     match = _TEMP_RE.match(name)
     return bool(_STAGE_FILE_RE.match(match["target"] if match else name))
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview | pa.Buffer) -> None:
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def shard_name(index: int) -> str:

@@ -24,10 +24,9 @@ from typing import Any
 
 import pandas as pd
 
+from vitlab.atomic import atomic_write_bytes, atomic_write_text
 from vitlab.data.shards import (
     ShardedStage,
-    atomic_write_bytes,
-    atomic_write_text,
     encode_shard,
     shard_name,
     shard_report_path,

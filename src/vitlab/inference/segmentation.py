@@ -29,8 +29,10 @@ from torch import Tensor
 
 from vitlab.data.loading import prefetch
 from vitlab.data.segmentation import (
+    DEFAULT_BG_THRESHOLD,
     SegmentationDatasetSpec,
     SegmentationSample,
+    background_threshold,
     load_image,
     read_label_map,
 )
@@ -51,7 +53,7 @@ class SegmentationSettings:
     short_side: int = 448  # test images are resized so their short side is this
     crop: int = 448  # sliding-window crop
     stride: int = 224
-    bg_threshold: float = 0.95
+    bg_threshold: float = DEFAULT_BG_THRESHOLD  # build with `for_dataset`: the dataset's
     top_k: int = 5  # classes kept per crop by the pooled image embedding (0 = all)
     has_background: bool = True  # label 0 is background (the background rule applies)
     crops_per_batch: int = 4
@@ -61,6 +63,30 @@ class SegmentationSettings:
             raise ValueError("short_side, crop, stride and crops_per_batch must be positive")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0 (0 keeps every class)")
+
+    @classmethod
+    def for_dataset(
+        cls,
+        spec: SegmentationDatasetSpec,
+        *,
+        short_side: int,
+        crop: int,
+        stride: int,
+        top_k: int,
+        crops_per_batch: int,
+        bg_threshold: float | None = None,
+    ) -> SegmentationSettings:
+        """The settings of a run on `spec`'s dataset (the pipeline's and the analysis CLI's):
+        its background rule, and its `bg_threshold` unless `bg_threshold` overrides it."""
+        return cls(
+            short_side=int(short_side),
+            crop=int(crop),
+            stride=int(stride),
+            bg_threshold=background_threshold(spec, bg_threshold),
+            top_k=int(top_k),
+            has_background=spec.has_background,
+            crops_per_batch=int(crops_per_batch),
+        )
 
 
 # ----------------------------------------------------------------------------- text side

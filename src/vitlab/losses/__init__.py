@@ -22,8 +22,12 @@ from vitlab.losses.factory import (
     build_loss,
     check_loss_input,
 )
+from vitlab.losses.multilabel import AsymmetricLoss, BCEWithLogits, FocalBCE
 
 __all__ = [
+    "AsymmetricLoss",
+    "BCEWithLogits",
+    "FocalBCE",
     "COUNTS_FROM",
     "LOSS_INPUTS",
     "LabelStats",

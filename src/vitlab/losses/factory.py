@@ -12,7 +12,6 @@ Every mismatch is a `ConfigError` naming the key, and the pipelines' `validate` 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,15 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitlab.config import instantiate_node
+from vitlab.config import instantiate_node, locate_target
+from vitlab.deprecations import DEPRECATIONS, read_deprecated
 from vitlab.errors import ConfigError
+from vitlab.losses.classification import (
+    FocalLoss,
+    SeesawLoss,
+    SeesawPoisonLoss,
+    WeightedCrossEntropy,
+)
 
 log = logging.getLogger(__name__)
 
 COUNTS_FROM = ("batches", "train")
 """`batches`: counts accumulate over the training batches seen (mmdet's seesaw); `train`: the
 training split's class counts, a fixed prior known before the first step."""
-DEPRECATED_COUNTS = {"accumulate": "batches", "train": "train"}  # old `class_counts: <mode>`
+CLASS_COUNTS = DEPRECATIONS["loss.class_counts"]
+"""The older `class_counts: accumulate|train`, still read (its values: the table's)."""
 
 
 @dataclass(frozen=True)
@@ -60,26 +67,27 @@ class LossInputs:
     expects: str = "logits"
 
 
-LOSS_INPUTS: dict[str, LossInputs] = {
-    "torch.nn.NLLLoss": LossInputs(expects="log_probs"),
-    "torch.nn.CrossEntropyLoss": LossInputs(),
-    "vitlab.losses.FocalLoss": LossInputs(),
-    "vitlab.losses.WeightedCrossEntropy": LossInputs(counts=("train",)),
-    "vitlab.losses.SeesawLoss": LossInputs(num_classes=True, counts=("batches", "train")),
-    "vitlab.losses.SeesawPoisonLoss": LossInputs(
+LOSS_INPUTS: dict[type, LossInputs] = {
+    nn.NLLLoss: LossInputs(expects="log_probs"),
+    nn.CrossEntropyLoss: LossInputs(),
+    FocalLoss: LossInputs(),
+    WeightedCrossEntropy: LossInputs(counts=("train",)),
+    SeesawLoss: LossInputs(num_classes=True, counts=("batches", "train")),
+    SeesawPoisonLoss: LossInputs(
         num_classes=True, counts=("batches", "train"), poisonous_classes=True
     ),
 }
-"""Targets not listed (your own, via `extra_target_prefixes`) get their YAML keys only."""
-for _name in list(LOSS_INPUTS):  # the defining module's path names the same class
-    if _name.startswith("vitlab.losses."):
-        LOSS_INPUTS[_name.replace("vitlab.losses.", "vitlab.losses.classification.")] = LOSS_INPUTS[
-            _name
-        ]
+"""Keyed by the loss class, so any import path of it (`vitlab.losses.SeesawLoss`,
+`vitlab.losses.classification.SeesawLoss`) finds its entry. Targets not listed (your own, via
+`extra_target_prefixes`) get their YAML keys only."""
 
 
 def loss_inputs(loss_cfg: Mapping[str, Any]) -> LossInputs:
-    return LOSS_INPUTS.get(str(loss_cfg.get("_target_")), LossInputs())
+    """The runtime inputs of the class `loss_cfg._target_` names, by any import path of it
+    (`LossInputs()` for a class not listed, or a target that may not be built: building it
+    names the key)."""
+    target = locate_target(loss_cfg.get("_target_"))
+    return LOSS_INPUTS.get(target, LossInputs()) if isinstance(target, type) else LossInputs()
 
 
 def counts_mode(loss_cfg: Mapping[str, Any]) -> str | None:
@@ -91,17 +99,12 @@ def counts_mode(loss_cfg: Mapping[str, Any]) -> str | None:
     mode = loss_cfg.get("counts_from")
     old = loss_cfg.get("class_counts")
     if old is not None:
-        if not isinstance(old, str) or old not in DEPRECATED_COUNTS:
+        if not isinstance(old, str) or old not in dict(CLASS_COUNTS.values):
             raise ConfigError(
                 f"loss.class_counts={old!r}: class counts come from the data; choose where with "
                 f"loss.counts_from={'|'.join(COUNTS_FROM)}"
             )
-        mode = DEPRECATED_COUNTS[old]
-        warnings.warn(
-            f"loss.class_counts={old} is deprecated: use loss.counts_from={mode}",
-            FutureWarning,
-            stacklevel=2,
-        )
+        mode = read_deprecated(CLASS_COUNTS.old, old)
     if mode is None:
         return supported[0] if supported else None
     if mode not in COUNTS_FROM:

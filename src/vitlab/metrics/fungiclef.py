@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitlab.data.shards import atomic_write_text
+from vitlab.atomic import atomic_write_text
 from vitlab.errors import DatasetFormatError
 
 UNKNOWN = -1

@@ -3,7 +3,8 @@
 - macro F1 per plot: mean over plots of 2|Y∩Ŷ|/(|Y|+|Ŷ|); a plot missing from the submission
   counts as an empty prediction and so scores 0 (the organisers' convention).
 - macro F1 per species: mean per-species F1 over every species in truth ∪ prediction.
-- micro F1: from global TP/FP/FN counts.
+- micro F1: from global TP/FP/FN counts; micro precision and recall from the same counts (not
+  official scores: they show whether a method predicts more species or fewer, right ones).
 A submission naming plots that are not in the truth is an error: it is the wrong file; so is an
 empty ground truth (every score would be 0).
 """
@@ -42,13 +43,26 @@ def f1_per_species(truth: PlotLabels, submission: PlotLabels) -> float:
     return sum(scores.values()) / len(scores) if scores else 0.0
 
 
-def micro_f1(truth: PlotLabels, submission: PlotLabels) -> float:
+def _micro_counts(truth: PlotLabels, submission: PlotLabels) -> tuple[int, int, int]:
     tp = fp = fn = 0
     for t, p in _aligned(truth, submission):
         tp += len(t & p)
         fp += len(p - t)
         fn += len(t - p)
+    return tp, fp, fn
+
+
+def micro_f1(truth: PlotLabels, submission: PlotLabels) -> float:
+    tp, fp, fn = _micro_counts(truth, submission)
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def micro_precision_recall(truth: PlotLabels, submission: PlotLabels) -> dict[str, float]:
+    tp, fp, fn = _micro_counts(truth, submission)
+    return {
+        "micro_precision": tp / (tp + fp) if tp else 0.0,
+        "micro_recall": tp / (tp + fn) if tp else 0.0,
+    }
 
 
 def plantclef_scores(truth: PlotLabels, submission: PlotLabels) -> dict[str, float]:
@@ -56,6 +70,7 @@ def plantclef_scores(truth: PlotLabels, submission: PlotLabels) -> dict[str, flo
         "macro_f1_per_plot": f1_per_plot(truth, submission),
         "macro_f1_per_species": f1_per_species(truth, submission),
         "micro_f1": micro_f1(truth, submission),
+        **micro_precision_recall(truth, submission),
     }
 
 

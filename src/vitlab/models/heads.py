@@ -31,6 +31,28 @@ def mlp(in_features: int, hidden: int, out_features: int, dropout: float) -> nn.
     )
 
 
+class MLPHead(nn.Module):
+    """One hidden layer (GELU) on the embedding: on frozen features, tiles holding several
+    species, or none, are told apart far better than by one linear layer (experiments/
+    plantclef.md, "Multi-label"). `log_softmax` as in `LinearHead`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: int = 256,
+        dropout: float = 0.0,
+        log_softmax: bool = False,
+    ):
+        super().__init__()
+        self.mlp = mlp(in_features, hidden, num_classes, dropout)
+        self.log_softmax = log_softmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(x)
+        return torch.log_softmax(out, dim=-1) if self.log_softmax else out
+
+
 class MultiTargetOutputs(nn.Module):
     """Linear outputs from a shared feature: `species` plus optional auxiliary targets
     (e.g. `poisonous`: 1, `genus`: G, `family`: F)."""

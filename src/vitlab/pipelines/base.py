@@ -35,6 +35,7 @@ from vitlab.data.synthetic.markers import (
     is_complete,
     require_claimable,
 )
+from vitlab.deprecations import refuse_renamed, renamed_keys, warn_deprecated_groups
 from vitlab.devices import Compute, compute_from_config, trainer_for_device
 from vitlab.errors import ConfigError
 from vitlab.quiet import quiet_known_noise
@@ -129,25 +130,20 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return path
 
 
-RENAMED_KEYS = {
-    "head.lr": "optimizer.lr",
-    "head.weight_decay": "optimizer.weight_decay",
-    "head.optimizer": "optimizer=adam|adamw|sgd",
-    "head.scheduler": "scheduler=none|cosine_warm_restarts|plateau|warmup_cosine",
-    "groupvit.optim": "optimizer.lr, optimizer.weight_decay and scheduler.* (warmup_epochs, ...)",
-}
-"""Keys of earlier versions -> their place now (README: "Renamed keys"). Hydra refuses the old
-key and suggests `+key=...`, which would add it unread: `begin` names the new one instead."""
+RENAMED_KEYS = renamed_keys()
+"""Keys of earlier versions -> their place now, from the one table `vitlab.deprecations`
+(README: "Renamed keys"). Hydra refuses the old key and suggests `+key=...`, which would add it
+unread: `begin` names the new one instead."""
 
 
 def begin(cfg: DictConfig) -> None:
-    """What every pipeline does first, before validating: refuse renamed keys, and take the
-    `_target_` allow-list's extra packages from this run's config."""
+    """What every pipeline does first, before validating: refuse renamed keys, warn about older
+    group names (`vitlab.deprecations`), and take the `_target_` allow-list's extra packages
+    from this run's config."""
     quiet_known_noise()
     mask_log_handlers()  # a password in a URL (sweep.storage) is logged as ***
-    for old, new in RENAMED_KEYS.items():
-        if OmegaConf.select(cfg, old) is not None:
-            raise ConfigError(f"{old} was renamed: use {new}")
+    refuse_renamed(cfg)
+    warn_deprecated_groups()  # task=<pipeline>
     set_extra_target_prefixes(cfg.get("extra_target_prefixes"))
     set_fingerprint_mode(cfg.get("cache_fingerprint", "stat"))  # before any cache key
     check_config_targets(cfg)  # callbacks, loggers, trainer plugins, hydra.callbacks: now

@@ -60,6 +60,7 @@ from vitlab.inference.fungiclef import (
     tune_entropy_threshold,
 )
 from vitlab.losses import LabelStats, check_loss_input
+from vitlab.losses.multilabel import is_multilabel
 from vitlab.metrics.fungiclef import (
     fungiclef_scores,
     read_fungiclef_truth,
@@ -193,6 +194,12 @@ def check_head_and_loss(cfg: DictConfig) -> None:
             f"embeddings + metadata ({err}): use head=fungi_mlp|fungi_transformer"
         ) from err
     check_loss_input(cfg.loss, output, "weighted_ce, focal, seesaw or seesaw_poison")
+    if is_multilabel(module.loss_fn):
+        raise ConfigError(
+            f"loss._target_={cfg.loss.get('_target_')} is a multi-label loss (a sigmoid per "
+            "species, for PlantCLEF's collages); FungiCLEF observations have one species: use "
+            "loss=ce|weighted_ce|focal|seesaw|seesaw_poison"
+        )
     module.train()
     module._losses(batch)
 

@@ -43,9 +43,11 @@ from vitlab.models.groupvit.checkpoints import (
     save_groupvit,
 )
 from vitlab.models.groupvit.model import (
+    LOGIT_SCALE_MAX_DEFAULT,
     GroupViT,
     GroupViTSpec,
     released_spec,
+    resolve_logit_scale_max,
     split_runtime,
     tiny_spec,
 )
@@ -69,10 +71,22 @@ SPEC_PRESETS = {"released": released_spec, "tiny": tiny_spec}
 TAGGERS = {"nltk": nltk_pos_tagger, "sample": SampleTrainedTagger}
 
 
+CLAMP_KEY = "groupvit.model.overrides.logit_scale_max"
+
+
+def model_overrides(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`groupvit.model.overrides` with the clamp resolved (`resolve_logit_scale_max`): always
+    given, so the config's clamp wins over one an older vitlab checkpoint saved."""
+    overrides = dict(model_cfg.get("overrides") or {})
+    clamp = overrides.get("logit_scale_max", LOGIT_SCALE_MAX_DEFAULT)
+    overrides["logit_scale_max"] = resolve_logit_scale_max(clamp, CLAMP_KEY)
+    return overrides
+
+
 def build_groupvit(model_cfg: dict[str, Any]) -> GroupViT:
     """From `groupvit.model`: a checkpoint (`source`, any kind) or a random init of a preset spec,
     with `overrides` of runtime settings (logit-scale clamp, drop-path, Gumbel tau)."""
-    overrides = dict(model_cfg.get("overrides") or {})
+    overrides = model_overrides(model_cfg)
     source = model_cfg.get("source")
     if source:
         try:
@@ -114,6 +128,7 @@ def validate_groupvit(cfg: DictConfig) -> None:
     require_choice(cfg, "groupvit.labels.pad", PAD_MODES)
     require_choice(cfg, "groupvit.labels.tagger", TAGGERS)
     require_choice(cfg, "groupvit.model.kind", CHECKPOINT_KINDS)
+    model_overrides(cfg.groupvit.model)
     require_positive(cfg, "groupvit.labels.k", "groupvit.batch_size", "groupvit.image_size")
     check_optimization(cfg)
     for name in cfg.groupvit.trainable:

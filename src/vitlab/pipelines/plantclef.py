@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vitlab.atomic import atomic_output
 from vitlab.config import (
     instantiate_node,
     require_choice,
@@ -38,6 +39,7 @@ from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_pla
 from vitlab.devices import CPU, Compute, require_accelerator
 from vitlab.errors import ConfigError
 from vitlab.losses import LabelStats, check_loss_input
+from vitlab.losses.factory import outputs_log_probs
 from vitlab.metrics.plantclef import plantclef_scores
 from vitlab.models.features import ClsToken
 from vitlab.optim import check_optimization, follow_monitor
@@ -55,9 +57,11 @@ from vitlab.pipelines.base import (
     place_backbone,
     run_compute,
 )
-from vitlab.safe_load import distrusted, load_lightning_module
+from vitlab.safe_load import distrusted, load_checkpoint_file, load_lightning_module
+from vitlab.stages.collages import CollageParams, build_collages
 from vitlab.stages.embed import forward_batch_size
 from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
+from vitlab.stages.fit_multilabel import load_collage_splits
 from vitlab.stages.predict import (
     TILE_FITS,
     BackboneClassifierPredictor,
@@ -94,17 +98,40 @@ def validate(cfg: DictConfig) -> None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ConfigError(f"seed must be a whole number >= 0 (or null: random), got {seed!r}")
     if "center_crop" in cfg.predict:
-        raise ConfigError(
-            "predict.center_crop was replaced by predict.tile_fit: center_crop (the default, "
-            "was center_crop=true) | resize (was center_crop=false) | pad"
-        )
+        from vitlab.deprecations import renamed_error
+
+        raise renamed_error("predict.center_crop")
     require_choice(cfg, "predict.tile_fit", TILE_FITS)
     require_choice(cfg, "predict.test", (True, False))
     require_accelerator(cfg.get("trainer"))
     check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
-    instantiate_node(cfg.inference, "inference")
+    strategy = instantiate_node(cfg.inference, "inference")
+    collages = CollageParams.from_config(cfg.get("collages"))
+    if collages.enabled and cfg.fit.loader != "memory":
+        raise ConfigError("collages.enabled=true needs fit.loader=memory (collages are in memory)")
     if cfg.predictor == "head":
-        check_head_and_loss(cfg)
+        module = check_head_and_loss(cfg)
+        check_multilabel_choices(cfg, module.multilabel, strategy)
+    elif getattr(strategy, "needs_thresholds", False):
+        raise ConfigError(
+            "inference.threshold=auto: thresholds are chosen after training a head with a "
+            "multi-label loss; with predictor=backbone_classifier set inference.threshold=<number>"
+        )
+
+
+def check_multilabel_choices(cfg: DictConfig, multilabel: bool, strategy: Any) -> None:
+    """Multi-label settings that cannot work together fail before any stage."""
+    if multilabel and cfg.fit.monitor == "val/acc":
+        raise ConfigError(
+            "fit.monitor=val/acc: a multi-label head logs val/loss and val/macro_f1 (each "
+            "species' sigmoid at 0.5), no single-label accuracy"
+        )
+    if getattr(strategy, "needs_thresholds", False) and not multilabel:
+        raise ConfigError(
+            f"inference.threshold=auto: thresholds are chosen on validation data for a "
+            f"multi-label head, and loss._target_={cfg.loss.get('_target_')} trains a softmax "
+            "one: use loss=bce|asl|focal_bce, or set inference.threshold=<number>"
+        )
 
 
 RESUME_MUST_MATCH = ("dataset.root", "dataset.min_images_per_species", "backbone", "features")
@@ -154,7 +181,7 @@ def leaf_differences(theirs: Any, ours: Any, key: str) -> list[str]:
     return [] if theirs == ours else [f"{key} ({theirs} there, {ours} here)"]
 
 
-def check_head_and_loss(cfg: DictConfig) -> None:
+def check_head_and_loss(cfg: DictConfig) -> EmbeddingClassifier:
     """Build the LightningModule (head, loss, optimiser) against dummy label statistics and run
     one dummy training step, so a `head=`/`loss=` that cannot work here fails before any stage,
     naming the key. PlantCLEF has no poison list: `loss=seesaw_poison` is refused."""
@@ -189,9 +216,16 @@ def check_head_and_loss(cfg: DictConfig) -> None:
             "classes) tensor for PlantCLEF: use head=linear"
         )
     check_loss_input(cfg.loss, output)
+    if module.multilabel and outputs_log_probs(output):
+        raise ConfigError(
+            f"loss._target_={cfg.loss.get('_target_')} is multi-label (a sigmoid per species) "
+            "and takes logits, but head.model ends in log-softmax: set "
+            "head.model.log_softmax=false (experiment=plantclef_multilabel does)"
+        )
     module.loss_fn.train()
     module.loss_fn(output, torch.tensor([0, 1]))
     check_optimization(cfg)
+    return module
 
 
 def ensure_dataset(dataset: DictConfig) -> None:
@@ -210,6 +244,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
     strategy = instantiate_node(cfg.inference, "inference")
     engine = instantiate_node(cfg.engine, "engine")
     prepare_params = PrepareParams.from_config(cfg.prepare)
+    collage_params = CollageParams.from_config(cfg.get("collages"))
     classifier = None
     if cfg.predictor == "backbone_classifier":
         classifier = BackboneClassifierPredictor(backbone)  # no class mapping: fails now
@@ -239,15 +274,40 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
                 embedded = embed_training_images(cfg, prepared, backbone, features, engine, compute)
             summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
             summary["prepare_report"] = prepared.manifest.get("report", {})
+            collage_embeddings = None
+            if collage_params.enabled:
+                with run.stage("collages"):
+                    collages = build_collages(
+                        prepared,
+                        cfg.paths.cache_dir,
+                        collage_params,
+                        prepare_params.image_size,
+                        engine,
+                    )
+                with run.stage("embed_collages"):
+                    collage_embeddings = embed_training_images(
+                        cfg, collages, backbone, features, engine, compute
+                    )
+                summary["cache_keys"]["collages"] = collages.key
+                summary["cache_keys"]["embed_collages"] = collage_embeddings.key
             with run.stage("fit"):
                 splits = load_splits(
                     embedded, cfg.dataset.min_images_per_species, cfg.fit.loader, cfg.seed
                 )
+                if collage_embeddings is not None:
+                    splits = load_collage_splits(
+                        splits, collage_embeddings, collage_params.proportion, cfg.seed
+                    )
                 summary["fit_data"] = splits.report
-                result = _fit(cfg, splits, backbone, features, run, callbacks)
+                result = _fit(cfg, splits, backbone, features, run, callbacks, strategy)
             predictor = EmbeddingHeadPredictor(
-                backbone, features, result.module.head, result.module.species_ids
+                backbone,
+                features,
+                result.module.head,
+                result.module.species_ids,
+                result.module.multilabel,
             )
+            strategy = with_decision(strategy, result.module, "the trained head")
         if cfg.predict.get("test", True):
             _predict_and_score(cfg, predictor, strategy, test_images, run, engine)
         else:
@@ -263,6 +323,7 @@ def _fit(
     features,
     run: RunContext,
     callbacks: Sequence[pl.Callback],
+    strategy: Any = None,
 ):
     summary = run.summary
     has_val = splits.counts["val"] > 0
@@ -293,6 +354,12 @@ def _fit(
     last = result.last_checkpoint  # fit_head wrote label_map.json beside best.ckpt
     if last and last.parent != Path(result.best_checkpoint).parent:
         write_label_map(last.parent, splits.species_ids)
+    if getattr(strategy, "needs_thresholds", False) and splits.counts["val"]:
+        decision = choose_val_thresholds(result.module, splits, strategy, cfg.seed or 0)
+        record_decision(Path(result.best_checkpoint), decision)
+        result.module.decision = decision
+        summary["decision"] = {k: v for k, v in decision.items() if k != "per_species"}
+        log.info("thresholds chosen on validation data: %s", summary["decision"])
     summary["best_checkpoint"] = str(result.best_checkpoint)
     summary["fit_metrics"] = result.metrics
     summary.setdefault("metrics", {}).update(result.metrics)
@@ -300,8 +367,49 @@ def _fit(
     return result
 
 
+def choose_val_thresholds(
+    module: EmbeddingClassifier, splits: Any, strategy: Any, seed: int
+) -> dict[str, Any]:
+    """The decision thresholds of `strategy` for a multi-label head, chosen on pseudo-plots
+    of the validation images and collages (`PooledThreshold.calibrate`)."""
+    probs, truth = [], []
+    module.eval()
+    with torch.inference_mode():
+        for x, y in splits.loader("val", 4096, shuffle=False):
+            probs.append(torch.sigmoid(module.head(x.float())).numpy())
+            truth.append(y.numpy() if y.dim() == 2 else np.eye(len(module.species_ids))[y.numpy()])
+    decision = strategy.calibrate(np.concatenate(probs), np.concatenate(truth) > 0.5, seed)
+    return {**decision, "chosen_on": "pseudo-plots of validation images and collages"}
+
+
+def record_decision(checkpoint: Path, decision: dict[str, Any]) -> None:
+    """Save the thresholds in the checkpoint (`decision`), so infer.py applies the same rule."""
+    content = load_checkpoint_file(checkpoint, opt_in="(a checkpoint this run wrote)")
+    content["decision"] = decision
+    with atomic_output(checkpoint) as tmp:
+        torch.save(content, tmp)
+
+
+def with_decision(strategy: Any, module: EmbeddingClassifier, source: str) -> Any:
+    """The inference strategy with the thresholds `threshold=auto` stands for, from the head's
+    checkpoint; other strategies as they are."""
+    if not getattr(strategy, "needs_thresholds", False):
+        return strategy
+    if not module.decision:
+        raise ConfigError(
+            f"inference.threshold=auto: {source} has no thresholds chosen on validation data "
+            "(trained without a multi-label loss or without validation images): set "
+            "inference.threshold=<number>"
+        )
+    try:
+        return strategy.with_thresholds(module.decision)
+    except ValueError as err:
+        raise ConfigError(f"inference.threshold=auto with {source}: {err}") from err
+
+
 def train_class_counts(splits) -> list[int]:
     """Training images per class index of the label map (`loss.counts_from=train`)."""
+    splits = getattr(splits, "singles", splits)  # with collages: the single images' counts
     if not splits.streaming:
         labels = splits.arrays["train"][1]
     else:
@@ -395,7 +503,12 @@ def _predict(
     run.summary.setdefault("cache_keys", {})["tiles"] = tiles.key
     with run.stage("predict"):
         result = predict_from_tiles(
-            tiles, strategy, predictor.head, predictor.species_ids, tile_fit
+            tiles,
+            strategy,
+            predictor.head,
+            predictor.species_ids,
+            tile_fit,
+            multilabel=predictor.multilabel,
         )
     return result, {"quadrats_embedded": embedded, "tile_cache": str(tiles.directory)}
 
@@ -420,6 +533,7 @@ def infer(cfg: DictConfig) -> RunSummary:
         ensure_dataset(dataset)  # before building the backbone
     test_images = check_plantclef_dataset(dataset, training=False).test_images
     if module is not None:
+        strategy = with_decision(strategy, module, f"ckpt_path={cfg.ckpt_path}")
         trust = bool(OmegaConf.select(cfg, "backbone.trust_checkpoint", default=False))
         predictor: Predictor = head_predictor(module, run_compute(cfg), trust)
     else:
@@ -476,7 +590,9 @@ def head_predictor(
     context = distrusted(module.hparams.context or {}, trust_backbone)
     backbone = place_backbone(build_backbone(context["backbone"], "checkpoint backbone"), compute)
     features = instantiate_node(OmegaConf.create(context["features"]), "checkpoint features")
-    return EmbeddingHeadPredictor(backbone, features, module.head, module.species_ids)
+    return EmbeddingHeadPredictor(
+        backbone, features, module.head, module.species_ids, module.multilabel
+    )
 
 
 def dataset_of_checkpoint_run(cfg: DictConfig, module: EmbeddingClassifier) -> DictConfig:

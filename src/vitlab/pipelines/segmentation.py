@@ -40,7 +40,11 @@ from vitlab.models.groupvit.checkpoints import (
     load_groupvit,
     resolve_checkpoint_source,
 )
-from vitlab.models.groupvit.model import GroupViT
+from vitlab.models.groupvit.model import (
+    LOGIT_SCALE_MAX_DEFAULT,
+    GroupViT,
+    resolve_logit_scale_max,
+)
 from vitlab.pipelines.base import Pipeline, RunContext, RunSummary, begin, numeric_metrics
 from vitlab.tracking import MaskedImage, RunTracker
 
@@ -50,16 +54,15 @@ log = logging.getLogger(__name__)
 def segmentation_settings(
     seg_cfg: DictConfig, spec: SegmentationDatasetSpec
 ) -> SegmentationSettings:
-    threshold = seg_cfg.get("bg_threshold")
     try:
-        return SegmentationSettings(
-            short_side=int(seg_cfg.short_side),
-            crop=int(seg_cfg.crop),
-            stride=int(seg_cfg.stride),
-            bg_threshold=float(spec.bg_threshold if threshold is None else threshold),
-            top_k=int(seg_cfg.top_k),
-            has_background=spec.has_background,
+        return SegmentationSettings.for_dataset(
+            spec,
+            short_side=seg_cfg.short_side,
+            crop=seg_cfg.crop,
+            stride=seg_cfg.stride,
+            top_k=seg_cfg.top_k,
             crops_per_batch=crops_per_batch(seg_cfg),
+            bg_threshold=seg_cfg.get("bg_threshold"),
         )
     except ValueError as err:
         raise ConfigError(f"segmentation: {err}") from err
@@ -86,7 +89,7 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
     kind = cfg.segmentation.checkpoint_kind
     if kind not in CHECKPOINT_KINDS:
         raise ConfigError(f"segmentation.checkpoint_kind={kind!r} is not one of {CHECKPOINT_KINDS}")
-    overrides = {"logit_scale_max": cfg.segmentation.logit_scale_max}
+    overrides = {"logit_scale_max": logit_scale_max(cfg.segmentation)}
     try:
         trust = bool(cfg.segmentation.get("trust_checkpoint", False))
         source = resolve_checkpoint_source(source, kind)
@@ -96,6 +99,12 @@ def load_segmentation_model(cfg: DictConfig) -> GroupViT:
     except CheckpointError as err:
         raise ConfigError(f"ckpt_path: {err}") from err
     return model.to(segmentation_device(cfg))
+
+
+def logit_scale_max(seg_cfg: DictConfig) -> float | None:
+    """`segmentation.logit_scale_max`: `default` (the model's), a number, or null (no clamp)."""
+    clamp = seg_cfg.get("logit_scale_max", LOGIT_SCALE_MAX_DEFAULT)
+    return resolve_logit_scale_max(clamp, "segmentation.logit_scale_max")
 
 
 def segmentation_device(cfg: DictConfig) -> torch.device:
@@ -114,6 +123,7 @@ def validate_segmentation(cfg: DictConfig) -> None:
     require_set(cfg, "dataset.root")
     require_positive(cfg, "segmentation.short_side", "segmentation.crop", "segmentation.stride")
     segmentation_settings(cfg.segmentation, spec_from_config(cfg.dataset))
+    logit_scale_max(cfg.segmentation)
     segmentation_device(cfg)
 
 

@@ -18,9 +18,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from vitlab.atomic import atomic_write_text
 from vitlab.callbacks import trained_checkpoint
 from vitlab.data.epoch_shuffle import EpochShuffle
-from vitlab.data.shards import ShardedStage, arrow_to_embeddings, atomic_write_text
+from vitlab.data.shards import ShardedStage, arrow_to_embeddings
 from vitlab.data.streaming import ParquetStream
 from vitlab.errors import ConfigError
 from vitlab.metrics.classification import accuracy, macro_f1
@@ -60,6 +61,10 @@ class EmbeddingSplits:
     @property
     def streaming(self) -> bool:
         return not self.arrays
+
+    def images_loader(self, tag: str, batch_size: int) -> DataLoader | None:
+        """The images of a split in order (the per-image accuracy of the best checkpoint)."""
+        return self.loader(tag, batch_size, shuffle=False)
 
     def loader(self, tag: str, batch_size: int, shuffle: bool) -> DataLoader | None:
         if not self.counts.get(tag):
@@ -160,13 +165,15 @@ def evaluate(module: EmbeddingClassifier, loader: DataLoader) -> dict[str, float
 
 
 def fit_head(
-    splits: EmbeddingSplits,
+    splits: Any,
     module: EmbeddingClassifier,
     trainer: pl.Trainer,
     batch_size: int,
     checkpoint_dir: Path,
     resume_from: str | None = None,
 ) -> FitResult:
+    """Fit `module` on `splits` (EmbeddingSplits, or MultiLabelSplits with collages) and
+    score the best checkpoint on the single images of val and test."""
     train_loader = splits.loader("train", batch_size, shuffle=True)
     val_loader = splits.loader("val", batch_size, shuffle=False)
     fit_resumable(trainer, module, train_loader, val_loader, resume_from)
@@ -180,7 +187,7 @@ def fit_head(
     if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
         metrics[f"best/{ckpt_cb.monitor}"] = float(ckpt_cb.best_model_score)
     for tag in ("val", "test"):
-        loader = splits.loader(tag, 4096, shuffle=False)
+        loader = splits.images_loader(tag, 4096)
         if loader is not None:
             for name, value in evaluate(best_module, loader).items():
                 metrics[f"{tag}_images/{name}"] = value

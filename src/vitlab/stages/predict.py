@@ -58,12 +58,19 @@ class EmbeddingHeadPredictor:
     features: FeatureReducer
     head: torch.nn.Module
     species_ids: list[int]
+    multilabel: bool = False  # a sigmoid per species (multi-label loss), else a softmax
 
     @torch.inference_mode()
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         vectors = embed_pixels(self.backbone, self.features, pixels)
         device = next(self.head.parameters(), vectors).device  # the head may stay on the CPU
-        return torch.softmax(self.head(vectors.float().to(device)), dim=-1)
+        return head_probabilities(self.head(vectors.float().to(device)), self.multilabel)
+
+
+def head_probabilities(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """A sigmoid per species (a head trained with a multi-label loss) or a softmax."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)
 
 
 @dataclass

@@ -53,6 +53,7 @@ from vitlab.stages.predict import (
     Strategy,
     check_tile_fit,
     cut_tiles,
+    head_probabilities,
     mean_colour,
 )
 
@@ -306,17 +307,19 @@ def predict_from_tiles(
     species_ids: Sequence[int],
     tile_fit: str = "center_crop",
     batch_size: int = 4096,
+    multilabel: bool = False,
 ) -> PredictionResult:
-    """Plot id -> species ids from cached tile embeddings: head -> softmax -> the strategy's
-    aggregate per quadrat, in the order the quadrats were embedded. A skipped quadrat gets an
-    empty prediction and its reason in `skipped`, as in `predict_quadrats`."""
+    """Plot id -> species ids from cached tile embeddings: head -> softmax (a sigmoid per
+    species with `multilabel`) -> the strategy's aggregate per quadrat, in the order the
+    quadrats were embedded. A skipped quadrat gets an empty prediction and its reason in
+    `skipped`, as in `predict_quadrats`."""
     predictions: dict[str, list[int]] = {}
     skipped: list[str] = []
     tile_count = 0
     head.eval()
     for table in stage.iter_tables():
         vectors = arrow_to_embeddings(table.column("embedding"))
-        probs = _head_probabilities(head, vectors, batch_size)
+        probs = _head_probabilities(head, vectors, batch_size, multilabel)
         for plot_id, start, end, error in quadrat_spans(table):
             if error is not None:
                 log.warning("predict: skipped %s", error)
@@ -329,11 +332,13 @@ def predict_from_tiles(
 
 
 @torch.inference_mode()
-def _head_probabilities(head: torch.nn.Module, vectors: np.ndarray, batch_size: int) -> np.ndarray:
+def _head_probabilities(
+    head: torch.nn.Module, vectors: np.ndarray, batch_size: int, multilabel: bool = False
+) -> np.ndarray:
     tensor = torch.from_numpy(np.array(vectors))  # Arrow memory is read-only
     return torch.cat(
         [
-            torch.softmax(head(tensor[i : i + batch_size].float()), dim=-1)
+            head_probabilities(head(tensor[i : i + batch_size].float()), multilabel)
             for i in range(0, len(tensor), batch_size)
         ]
     ).numpy()

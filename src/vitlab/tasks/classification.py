@@ -7,11 +7,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
 from vitlab import optim
 from vitlab.config import instantiate_node
 from vitlab.losses import LabelStats, build_loss
+from vitlab.losses.multilabel import is_multilabel, multi_hot
 from vitlab.metrics.classification import MacroF1
 
 
@@ -44,9 +45,18 @@ class EmbeddingClassifier(pl.LightningModule):
         )
         self.loss_fn = build_loss(loss, LabelStats(len(species_ids), class_counts))
         self.species_ids = list(species_ids)
+        # a sigmoid per species (a multi-label loss: BCE, ASL, focal BCE) or a softmax
+        self.multilabel = is_multilabel(self.loss_fn)
+        # multi-label decision thresholds chosen on validation data after training
+        # (`vitlab.inference.multilabel.choose_thresholds`), saved in the checkpoint
+        self.decision: dict[str, Any] | None = None
         # epoch-level validation metrics, summed over DDP ranks (not saved in checkpoints)
-        self.val_acc = MulticlassAccuracy(len(species_ids), average="micro", validate_args=False)
-        self.val_macro_f1 = MacroF1(len(species_ids))
+        n = len(species_ids)
+        if self.multilabel:  # macro over species, each sigmoid thresholded at 0.5
+            self.val_macro_f1 = MultilabelF1Score(n, average="macro", validate_args=False)
+        else:
+            self.val_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
+            self.val_macro_f1 = MacroF1(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
@@ -62,12 +72,24 @@ class EmbeddingClassifier(pl.LightningModule):
         out = self.head(x)
         loss = self.loss_fn(out, y)
         self.log("val/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
+        if self.multilabel:
+            probs, truth = torch.sigmoid(out.float()), multi_hot(y, out.shape[-1]).long()
+            self.val_macro_f1.update(probs, truth)
+            self.log("val/macro_f1", self.val_macro_f1, on_step=False, on_epoch=True, prog_bar=True)
+            return
         pred = out.argmax(dim=-1)
         self.val_acc.update(pred, y)
         self.val_macro_f1.update(pred, y)
         # Lightning computes (synced across ranks) and resets the metric objects each epoch
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/macro_f1", self.val_macro_f1, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.decision is not None:
+            checkpoint["decision"] = self.decision
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.decision = checkpoint.get("decision")
 
     def configure_optimizers(self) -> Any:
         optimizer = optim.require_node(self.hparams.optimizer, "optimizer")

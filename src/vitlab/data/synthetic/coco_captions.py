@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from vitlab.atomic import atomic_write_text
 from vitlab.data.coco_captions import coco_paths
 from vitlab.data.images import encode_jpeg
-from vitlab.data.shards import atomic_write_text
 from vitlab.data.synthetic.markers import claim_output_dir, mark_complete
 from vitlab.data.voc import (
     IGNORE_INDEX,

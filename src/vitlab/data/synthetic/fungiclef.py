@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from vitlab.data.fungiclef import CSV_COLUMNS, UNKNOWN
+from vitlab.data.synthetic.drawing import draw_plant, soil_background
 from vitlab.data.synthetic.markers import claim_output_dir, mark_complete
-from vitlab.data.synthetic.plantclef import draw_plant, soil_background
 
 TRAIN_CSV = "FungiCLEF2023_train_metadata_PRODUCTION.csv"
 VAL_CSV = "FungiCLEF2023_val_metadata_PRODUCTION.csv"

@@ -27,7 +27,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from vitlab.data.shards import atomic_write_text
+from vitlab.atomic import atomic_write_text
 from vitlab.errors import ConfigError
 
 OWNER_MARKER = ".vitlab-synthetic"

@@ -2,7 +2,8 @@
 
 Species differ in colour (evenly spaced hues) and shape, so any working pipeline separates
 them; quadrats are a jittered 3x3 arrangement of plants from 3-5 species on soil, so per-tile
-classification recovers the plot's species set while the whole-image view blurs them together.
+classification recovers the plot's species set while the whole-image view blurs them together
+(`quadrat_layout=scattered`: plants of random sizes at random places, off any grid).
 Layout written (names are the dataset config's defaults):
     PlantCLEF2024_single_plant_training_metadata.csv    `;`-separated, official columns
                                                          (+ `metadata_rows`: rows listing images
@@ -16,23 +17,21 @@ Layout written (names are the dataset config's defaults):
 
 from __future__ import annotations
 
-import colorsys
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vitlab.data.plantclef import METADATA_COLUMNS, write_submission
+from vitlab.data.synthetic.drawing import draw_plant, soil_background
 from vitlab.data.synthetic.markers import claim_output_dir, mark_complete
 
 METADATA_FILE = "PlantCLEF2024_single_plant_training_metadata.csv"
 TRAIN_IMAGES_DIR = "images_max_side_800"
 TEST_IMAGES_DIR = "PlantCLEF2024test"
 GROUND_TRUTH_FILE = "test_ground_truth.csv"
-SHAPES = ("discs", "star", "striped", "squares")
 ORGANS = ("leaf", "flower", "habit", "fruit", "bark")
 
 
@@ -56,66 +55,11 @@ class PlantClefSyntheticSpec:
     # not written, so the CSV has the official size (1,408,033 rows) without 1.4 M JPEGs. The
     # pipeline skips listed-but-absent images only up to dataset.max_missing_fraction: raise it.
     metadata_rows: int | None = None
-
-
-def _species_colour(index: int, n: int, rng: np.random.Generator) -> tuple[int, int, int]:
-    hue = (index / n + rng.uniform(-0.01, 0.01)) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 0.9), rng.uniform(0.8, 0.95))
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def soil_background(width: int, height: int, rng: np.random.Generator) -> Image.Image:
-    """Brown, smoothly varying soil with fine grain."""
-    shape = (max(2, height // 40), max(2, width // 40))
-    # mostly luminance variation, a little colour: soil, not confetti
-    coarse = rng.normal(0, 16, size=(*shape, 1)) + rng.normal(0, 4, size=(*shape, 3))
-    coarse_img = Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8))
-    smooth = np.asarray(coarse_img.resize((width, height), Image.Resampling.BILINEAR), np.float32)
-    base = np.array([105, 82, 58], np.float32)
-    grain = rng.normal(0, 6, size=(height, width, 1))
-    pixels = base + (smooth - 128) + grain
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def draw_plant(
-    img: Image.Image,
-    box: tuple[int, int, int, int],
-    species_index: int,
-    n_species: int,
-    rng: np.random.Generator,
-) -> None:
-    """Draw one plant of a species inside box (left, top, right, bottom), in place."""
-    left, top, right, bottom = box
-    draw = ImageDraw.Draw(img)
-    colour = _species_colour(species_index, n_species, rng)
-    dark = tuple(int(c * 0.55) for c in colour)
-    cx, cy = (left + right) / 2, (top + bottom) / 2
-    radius = 0.42 * min(right - left, bottom - top) * rng.uniform(0.85, 1.05)
-    shape = SHAPES[species_index % len(SHAPES)]
-    if shape == "discs":
-        for _ in range(7):
-            ang, dist = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.55) * radius
-            x, y, rr = cx + dist * math.cos(ang), cy + dist * math.sin(ang), 0.45 * radius
-            draw.ellipse((x - rr, y - rr, x + rr, y + rr), fill=colour, outline=dark, width=2)
-    elif shape == "star":
-        points, spikes, phase = [], 7, rng.uniform(0, math.pi)
-        for k in range(2 * spikes):
-            rr = radius if k % 2 == 0 else 0.4 * radius
-            ang = phase + k * math.pi / spikes
-            points.append((cx + rr * math.cos(ang), cy + rr * math.sin(ang)))
-        draw.polygon(points, fill=colour, outline=dark)
-    elif shape == "striped":
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
-        step = max(3, int(radius / 4))
-        for y in range(int(cy - radius), int(cy + radius), step):
-            half = math.sqrt(max(0.0, radius**2 - (y - cy) ** 2))
-            draw.line((cx - half, y, cx + half, y), fill=dark, width=max(1, step // 3))
-    else:  # squares
-        for _ in range(6):
-            x = cx + rng.uniform(-0.5, 0.5) * radius
-            y = cy + rng.uniform(-0.5, 0.5) * radius
-            half = 0.4 * radius
-            draw.rectangle((x - half, y - half, x + half, y + half), fill=colour, outline=dark)
+    # grid: a jittered 3x3 arrangement (one plant per tile of the paper's 3x3 grid);
+    # scattered: plants of random sizes (`plant_scale` x the quadrat's shorter side) at random
+    # places over the soil, overlapping or leaving soil bare, not aligned with any grid
+    quadrat_layout: str = "grid"
+    plant_scale: tuple[float, float] = (0.16, 0.34)
 
 
 def single_plant_image(
@@ -157,6 +101,31 @@ def quadrat_image(
     return img, sorted(set(int(s) for s in cells))
 
 
+def scattered_quadrat_image(
+    species_indices: list[int],
+    n_species: int,
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    scale: tuple[float, float] = PlantClefSyntheticSpec.plant_scale,
+) -> tuple[Image.Image, list[int]]:
+    """A plot: each species once, plus 0-3 more plants of them, at random places and sizes."""
+    width = int(rng.integers(size[0], size[1]))
+    height = int(rng.integers(size[0], size[1]))
+    img = soil_background(width, height, rng)
+    extra = int(rng.integers(0, 4))
+    plants = list(species_indices) + [int(s) for s in rng.choice(species_indices, extra)]
+    rng.shuffle(plants)
+    for species in plants:
+        side = rng.uniform(*scale) * min(width, height)
+        cx, cy = rng.uniform(side / 2, width - side / 2), rng.uniform(side / 2, height - side / 2)
+        box = (int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2))
+        draw_plant(img, box, int(species), n_species, rng)
+    return img, sorted(set(int(s) for s in plants))
+
+
+QUADRAT_LAYOUTS = ("grid", "scattered")
+
+
 def _species_counts(spec: PlantClefSyntheticSpec, rng: np.random.Generator) -> list[int]:
     """Long-tailed image counts: common species from max down to min, then the rare ones."""
     n_common = spec.n_species - spec.n_rare_species
@@ -172,6 +141,12 @@ def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None 
     spec = spec or PlantClefSyntheticSpec()
     if spec.n_species - spec.n_rare_species < spec.species_per_quadrat[1]:
         raise ValueError("n_species - n_rare_species must be >= the species per quadrat")
+    if spec.quadrat_layout not in QUADRAT_LAYOUTS:
+        raise ValueError(
+            f"quadrat_layout must be one of {list(QUADRAT_LAYOUTS)}, got {spec.quadrat_layout!r}"
+        )
+    if not 0 < spec.plant_scale[0] <= spec.plant_scale[1] <= 1:
+        raise ValueError(f"plant_scale must be 0 < low <= high <= 1: {spec.plant_scale}")
     if not 8 <= spec.image_side[0] < spec.image_side[1]:
         raise ValueError(f"image_side must be [low, high) with 8 <= low < high: {spec.image_side}")
     out = claim_output_dir(out_dir)
@@ -207,7 +182,12 @@ def generate_plantclef(out_dir: str | Path, spec: PlantClefSyntheticSpec | None 
     for q in range(spec.n_quadrats):
         k = int(rng.integers(spec.species_per_quadrat[0], spec.species_per_quadrat[1] + 1))
         chosen = [int(i) for i in rng.choice(n_common, k, replace=False)]
-        img, present = quadrat_image(chosen, spec.n_species, rng, spec.quadrat_size)
+        if spec.quadrat_layout == "scattered":
+            img, present = scattered_quadrat_image(
+                chosen, spec.n_species, rng, spec.quadrat_size, spec.plant_scale
+            )
+        else:
+            img, present = quadrat_image(chosen, spec.n_species, rng, spec.quadrat_size)
         plot_id = f"SYNTH-QUADRAT-{q:04d}"
         img.save(test_dir / f"{plot_id}.jpg", quality=92)
         truth[plot_id] = [species_ids[i] for i in present]

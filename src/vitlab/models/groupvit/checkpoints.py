@@ -443,7 +443,8 @@ def load_groupvit(
     kind: `vitlab` (our `.ckpt`/`.pt`: Lightning or `save_groupvit`), `nvlabs` (`ckpt['model']`),
     `transformers` (hub id such as `nvidia/groupvit-gcc-yfcc`, or a `save_pretrained` directory),
     or `auto` to detect. `spec_overrides` set what shapes cannot tell (NVlabs head counts) and
-    runtime settings (`logit_scale_max`, `drop_path_rate`, `gumbel_tau`). Files are read by the
+    runtime settings (`drop_path_rate`, `gumbel_tau`, `logit_scale_max`: when not given, an older
+    vitlab file's saved clamp, else the model's `DEFAULT_LOGIT_SCALE_MAX`). Files are read by the
     allow-listed unpickler; `trust` allows a full unpickle (it runs code in the file).
     """
     if kind not in CHECKPOINT_KINDS:

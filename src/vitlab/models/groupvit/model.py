@@ -105,6 +105,30 @@ class GroupViTSpec:
 
 # the reference clamps exp(logit_scale) at 100; `transformers` does not clamp (None)
 DEFAULT_LOGIT_SCALE_MAX: float | None = 100.0
+LOGIT_SCALE_MAX_DEFAULT = "default"
+"""The configs' `logit_scale_max` value that means `DEFAULT_LOGIT_SCALE_MAX` (the configs hold
+the key so `key=50` / `key=null` override it without a `+`)."""
+
+
+def resolve_logit_scale_max(value: object, key: str = "logit_scale_max") -> float | None:
+    """The clamp a config's `key` asks for (callers read an absent key as `default`):
+    `default` -> `DEFAULT_LOGIT_SCALE_MAX`, null -> None (no clamp), a number > 0 -> that number,
+    anything else a ConfigError naming `key`. Callers pass the result to the loader explicitly,
+    so the config's clamp wins over one an older vitlab checkpoint saved."""
+    from vitlab.errors import ConfigError
+
+    if value is None:
+        return None
+    if value == LOGIT_SCALE_MAX_DEFAULT:
+        return DEFAULT_LOGIT_SCALE_MAX
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise ConfigError(
+        f"{key}={value!r}: the clamp of exp(logit_scale) is a number > 0, null (no clamp) or "
+        f"{LOGIT_SCALE_MAX_DEFAULT!r} ({DEFAULT_LOGIT_SCALE_MAX}, the model's default)"
+    )
+
+
 RUNTIME_SETTINGS = ("logit_scale_max",)
 """Settings of a built `GroupViT` that are not architecture: attributes set by the loaders from
 `overrides`, never saved in a checkpoint's spec."""
