@@ -62,8 +62,9 @@ from vitlab.data.synthetic.plantclef import (
 )
 from vitlab.models.backbones import Backbone, create_backbone, preprocess_batch
 from vitlab.models.features import ClsToken
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
 from vitlab.stages.embed import embed_pixels, embed_prepared, map_side_by_side
-from vitlab.stages.prepare import PrepareParams, prepare_training_images
+from vitlab.stages.prepare import PrepareParams
 
 TARGET_RATIO = 0.90
 N_SPECIES = 16  # synthetic species; images are spread evenly over them

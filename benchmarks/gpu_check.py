@@ -56,8 +56,8 @@ from vitlab.engines import LocalEngine  # noqa: E402
 from vitlab.inference.plantclef import GridArgmax  # noqa: E402
 from vitlab.models.backbones import create_backbone  # noqa: E402
 from vitlab.models.features import ClsToken  # noqa: E402
+from vitlab.pipelines.plantclef.tiles import embed_test_tiles  # noqa: E402
 from vitlab.stages.embed import embed_pixels, embed_prepared  # noqa: E402
-from vitlab.stages.tiles import embed_test_tiles  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from vitlab.inference.plantclef import GridArgmax
 from vitlab.models.backbones import Backbone, create_backbone
 from vitlab.models.features import ClsToken
 from vitlab.models.heads import LinearHead
-from vitlab.stages.predict import EmbeddingHeadPredictor, cut_tiles, predict_quadrats
+from vitlab.pipelines.plantclef.predict import EmbeddingHeadPredictor, cut_tiles, predict_quadrats
 
 N_SPECIES = 12
 SETTINGS = {"batched": (64, 4), "one tile per forward": (1, 1)}  # (batch_size, quadrats_per_batch)

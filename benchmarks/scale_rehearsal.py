@@ -320,7 +320,7 @@ def artifacts(run_dir: Path, data: Path, summary: dict[str, Any], n_val: int) ->
     from vitlab.data.plantclef import read_ground_truth, read_species_names, read_submission
     from vitlab.metrics.classification import MacroF1
     from vitlab.metrics.plantclef import plantclef_scores
-    from vitlab.stages.score import plot_per_species_f1
+    from vitlab.pipelines.plantclef.score import plot_per_species_f1
 
     out: dict[str, Any] = {}
     label_map = run_dir / "checkpoints" / "label_map.json"

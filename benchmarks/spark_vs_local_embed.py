@@ -22,8 +22,9 @@ from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_pla
 from vitlab.engines import LocalEngine, SparkEngine
 from vitlab.models.backbones import create_backbone
 from vitlab.models.features import ClsToken
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
 from vitlab.stages.embed import embed_prepared
-from vitlab.stages.prepare import PrepareParams, prepare_training_images
+from vitlab.stages.prepare import PrepareParams
 
 TINY = {
     "name": "vit_tiny_patch16_224",

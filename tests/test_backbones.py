@@ -6,7 +6,7 @@ import timm
 import torch
 
 from vitlab.models.backbones import create_backbone, preprocess_batch
-from vitlab.stages.predict import BackboneClassifierPredictor
+from vitlab.pipelines.plantclef.predict import BackboneClassifierPredictor
 
 TINY_VIT = {"img_size": 64, "depth": 2, "reg_tokens": 4}  # the PlantNet model's shape, tiny
 

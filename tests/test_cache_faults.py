@@ -17,7 +17,8 @@ import vitlab.cache as cache_module
 from vitlab.cli import main as vitlab_cli
 from vitlab.data.shards import MANIFEST, ShardedStage, shard_report_path
 from vitlab.errors import ConfigError
-from vitlab.stages.prepare import PrepareParams, prepare_training_images
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
+from vitlab.stages.prepare import PrepareParams
 
 # ---------------------------------------------------------------------------------------------
 # cache rm / ls / verify: only vitlab's own entries

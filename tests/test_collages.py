@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from vitlab.errors import ConfigError
-from vitlab.stages.collages import CollageParams, build_collages, compose_collage, plan_collages
-from vitlab.stages.fit_multilabel import MixedSampler, multi_hot_collate
-from vitlab.stages.prepare import PrepareParams, prepare_training_images
+from vitlab.pipelines.plantclef.collages import (
+    CollageParams,
+    build_collages,
+    compose_collage,
+    plan_collages,
+)
+from vitlab.pipelines.plantclef.fit_multilabel import MixedSampler, multi_hot_collate
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
+from vitlab.stages.prepare import PrepareParams
 
 
 def _labels(rng, n=60):

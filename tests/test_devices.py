@@ -25,13 +25,13 @@ from vitlab.errors import ConfigError
 from vitlab.models.backbones import create_backbone
 from vitlab.models.features import ClsToken
 from vitlab.pipelines.plantclef import train
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
 from vitlab.stages.embed import (
     embed_batches,
     embed_key,
     embed_prepared,
     forward_batch_size,
 )
-from vitlab.stages.prepare import prepare_training_images
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -290,7 +290,7 @@ def test_tiles_cut_by_torch_match_the_pil_ones(how):
     from PIL import Image
 
     from vitlab.data import device_images
-    from vitlab.stages.predict import fit_tile
+    from vitlab.pipelines.plantclef.predict import fit_tile
 
     rng = np.random.default_rng(1)
     coarse = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
@@ -307,12 +307,12 @@ def test_tiles_cut_by_torch_match_the_pil_ones(how):
 def test_the_gpu_loader_path_gives_the_cpu_paths_rows(tmp_path, monkeypatch):
     """The tile stage with the device decoder (forced on, CPU tensors): the same rows, the
     same skipped quadrats with their reasons, embeddings within the stated tolerance."""
-    import vitlab.stages.tiles as tiles_module
+    import vitlab.pipelines.plantclef.tiles as tiles_module
     from tests.test_tile_cache import _backbone as _tile_backbone
     from tests.test_tile_cache import _quadrats
     from vitlab.data import device_images
     from vitlab.inference.plantclef import GridArgmax
-    from vitlab.stages.tiles import embed_test_tiles
+    from vitlab.pipelines.plantclef.tiles import embed_test_tiles
 
     images = _quadrats(tmp_path / "test")
     backbone = _tile_backbone()
@@ -510,11 +510,11 @@ def test_a_spark_task_embeds_on_the_gpu_spark_assigned_to_it(monkeypatch):
 
 
 def test_several_devices_give_the_one_device_tiles(tmp_path, monkeypatch):
-    import vitlab.stages.tiles as tiles_module
+    import vitlab.pipelines.plantclef.tiles as tiles_module
     from tests.test_tile_cache import _backbone as _tile_backbone
     from tests.test_tile_cache import _quadrats
     from vitlab.inference.plantclef import GridArgmax
-    from vitlab.stages.tiles import embed_test_tiles
+    from vitlab.pipelines.plantclef.tiles import embed_test_tiles
 
     monkeypatch.setattr(tiles_module, "QUADRATS_PER_SHARD", 2)
     images = _quadrats(tmp_path / "test")

@@ -17,8 +17,9 @@ from vitlab.cli import main as vitlab_cli
 from vitlab.engines import LocalEngine, SparkEngine, create_engine
 from vitlab.models.backbones import create_backbone
 from vitlab.models.features import ClsToken
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
 from vitlab.stages.embed import embed_prepared
-from vitlab.stages.prepare import PrepareParams, prepare_training_images
+from vitlab.stages.prepare import PrepareParams
 
 TINY = {
     "name": "vit_tiny_patch16_224",
@@ -81,7 +82,7 @@ def test_local_and_spark_give_the_same_rows_and_embeddings(tiny_plantclef, tmp_p
 
 
 def test_collages_on_spark_equal_the_local_ones(tiny_plantclef, tmp_path, spark_engine):
-    from vitlab.stages.collages import CollageParams, build_collages
+    from vitlab.pipelines.plantclef.collages import CollageParams, build_collages
 
     settings = CollageParams(enabled=True, per_image=0.5, species=(0, 2))
     stages = {}
@@ -99,7 +100,7 @@ def test_collages_on_spark_equal_the_local_ones(tiny_plantclef, tmp_path, spark_
 def test_test_tiles_on_spark_equal_the_local_ones(tiny_plantclef, tmp_path, spark_engine):
     from vitlab.data.plantclef import list_test_images
     from vitlab.inference.plantclef import GridArgmax
-    from vitlab.stages.tiles import embed_test_tiles
+    from vitlab.pipelines.plantclef.tiles import embed_test_tiles
 
     folder = tiny_plantclef / "PlantCLEF2024test"
     images = list_test_images(folder)

@@ -33,7 +33,8 @@ from vitlab.metrics.fungiclef import (
     write_fungiclef_submission,
 )
 from vitlab.pipelines.fungiclef import train_fungiclef
-from vitlab.stages.prepare import PrepareParams, prepare_images, prepare_training_images
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
+from vitlab.stages.prepare import PrepareParams, prepare_images
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CSV = "FungiCLEF2023_train_metadata_PRODUCTION.csv"

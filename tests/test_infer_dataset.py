@@ -40,7 +40,7 @@ def test_runs_without_a_recorded_dataset_read_the_runs_hydra_config(
     trained_elsewhere, tiny_plantclef, tmp_path, monkeypatch
 ):
     """Checkpoints from before the dataset was recorded: the run's .hydra/config.yaml says it."""
-    import vitlab.pipelines.plantclef as run_module
+    import vitlab.pipelines.plantclef.pipeline as run_module
 
     root, summary = trained_elsewhere
     original = run_module.load_head_module

@@ -298,7 +298,7 @@ class _MeanColourPredictor:
 
 def test_quadrat_too_small_for_the_grid_gets_an_empty_prediction_and_is_listed(tmp_path):
     from vitlab.inference.plantclef import GridArgmax
-    from vitlab.stages.predict import predict_quadrats
+    from vitlab.pipelines.plantclef.predict import predict_quadrats
 
     Image.new("RGB", (2, 2), (10, 200, 10)).save(tmp_path / "tiny.png")
     Image.new("RGB", (30, 30), (10, 200, 10)).save(tmp_path / "fine.png")
@@ -314,7 +314,7 @@ def test_quadrat_too_small_for_the_grid_gets_an_empty_prediction_and_is_listed(t
 @pytest.mark.parametrize("tile_fit, sees_edge", [("center_crop", False), ("resize", True)])
 def test_tile_fit_decides_what_the_model_sees(tmp_path, tile_fit, sees_edge):
     from vitlab.inference.plantclef import FullImageTopK
-    from vitlab.stages.predict import predict_quadrats
+    from vitlab.pipelines.plantclef.predict import predict_quadrats
 
     pixels = np.full((40, 80, 3), (10, 200, 10), np.uint8)
     pixels[:, :16] = (250, 0, 0)  # a red band the centre square of this 2:1 image cuts off
@@ -328,7 +328,7 @@ def test_tile_fit_decides_what_the_model_sees(tmp_path, tile_fit, sees_edge):
 
 
 def test_pad_keeps_the_whole_box_with_mean_colour_bars():
-    from vitlab.stages.predict import fit_tile
+    from vitlab.pipelines.plantclef.predict import fit_tile
 
     img = Image.fromarray(np.full((20, 40, 3), 200, np.uint8))
     out = np.asarray(fit_tile(img, 16, "pad", fill=(1, 2, 3)))

@@ -28,6 +28,7 @@ def test_the_recipe_trains_on_collages_and_infer_applies_the_saved_thresholds(
     assert {"collages", "embed_collages"} <= summary["stage_seconds"].keys()
     assert summary["fit_data"]["collages_train"] > 0 and summary["fit_data"]["collages_val"] > 0
     assert 0 < summary["decision"]["global"] < 1
+    assert summary["metrics"]["val_plots/f1"] == summary["decision"]["global_val_f1"]
     assert "test/micro_precision" in summary["metrics"]
     saved = load_checkpoint_file(summary["best_checkpoint"], opt_in="test")
     assert saved["decision"]["global"] == summary["decision"]["global"]
@@ -93,3 +94,23 @@ def test_a_softmax_head_can_be_pooled_with_a_fixed_threshold(tiny_plantclef, tmp
         "inference.threshold=0.3",
     )
     assert summary["status"] == "completed" and "decision" not in summary
+
+
+def test_the_recipe_sweeps_on_its_validation_pseudo_plot_f1(tiny_plantclef, tmp_path):
+    from sweep import run_sweep
+
+    study = run_sweep(
+        [
+            *RECIPE,
+            *FAST,
+            "trainer.max_epochs=2",
+            f"dataset.root={tiny_plantclef}",
+            f"paths.root_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}/cache",
+            "sweep=quickstart_head",
+            "sweep.n_trials=2",
+        ]
+    )
+    values = [t.value for t in study.trials]
+    assert len(values) == 2 and all(0 < v <= 1 for v in values)
+    assert study.study_name == "plantclef_multilabel_head"

@@ -24,8 +24,9 @@ from vitlab.data.loading import decode_uint8_batch
 from vitlab.errors import ConfigError
 from vitlab.models.backbones import create_backbone
 from vitlab.models.features import ClsToken
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
 from vitlab.stages.embed import embed_prepared
-from vitlab.stages.prepare import PrepareParams, prepare_training_images
+from vitlab.stages.prepare import PrepareParams
 
 
 def _picture(seed: int = 0, size=(40, 30)) -> Image.Image:

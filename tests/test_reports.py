@@ -5,6 +5,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score
 
 from vitlab.data.plantclef import read_species_names
+from vitlab.pipelines.plantclef.score import per_species_f1_support, plot_per_species_f1
 from vitlab.reports import (
     embedding_map_png,
     f1_distribution_png,
@@ -13,7 +14,6 @@ from vitlab.reports import (
     project_2d,
     rank_classes,
 )
-from vitlab.stages.score import per_species_f1_support, plot_per_species_f1
 
 
 def test_poison_confusion_matches_sklearn():

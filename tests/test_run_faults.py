@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import vitlab.pipelines.plantclef as plantclef_module
+import vitlab.pipelines.plantclef.pipeline as plantclef_module
 import vitlab.tracking as tracking
 from tests.test_pipeline import _train_cfg
 from vitlab.atomic import atomic_output

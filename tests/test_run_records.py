@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-import vitlab.pipelines.plantclef as run_module
+import vitlab.pipelines.plantclef.pipeline as run_module
 from tests.test_pipeline import _train_cfg
 from vitlab.atomic import atomic_output
 from vitlab.pipelines.base import StageTimer
 from vitlab.pipelines.plantclef import train
-from vitlab.stages.fit import write_label_map
+from vitlab.pipelines.plantclef.fit import write_label_map
 from vitlab.tracking import RunTracker, recorded_run
 
 

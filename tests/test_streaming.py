@@ -76,7 +76,8 @@ def test_prepare_deals_images_to_shards_in_random_order(tiny_plantclef, tmp_path
     """The stream's batches are slices of a permuted row group, so the shards themselves must
     not follow the metadata's (species-by-species) order."""
     from vitlab.data.plantclef import read_training_metadata
-    from vitlab.stages.prepare import PrepareParams, prepare_training_images
+    from vitlab.pipelines.plantclef.prepare import prepare_training_images
+    from vitlab.stages.prepare import PrepareParams
 
     csv = tiny_plantclef / "PlantCLEF2024_single_plant_training_metadata.csv"
     stage = prepare_training_images(

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import vitlab.stages.tiles as tiles_module
+import vitlab.pipelines.plantclef.tiles as tiles_module
 from tests.conftest import TINY_PLANTCLEF_RUN, compose_config
 from vitlab.errors import ConfigError
 from vitlab.inference.plantclef import FullImageTopK, GridArgmax, GridTopK
@@ -24,9 +24,9 @@ from vitlab.models.backbones import create_backbone
 from vitlab.models.features import ClsToken
 from vitlab.pipelines.base import build_backbone
 from vitlab.pipelines.plantclef import train
+from vitlab.pipelines.plantclef.predict import EmbeddingHeadPredictor, predict_quadrats
+from vitlab.pipelines.plantclef.tiles import embed_test_tiles, predict_from_tiles, tiles_key
 from vitlab.stages.embed import torch_threads
-from vitlab.stages.predict import EmbeddingHeadPredictor, predict_quadrats
-from vitlab.stages.tiles import embed_test_tiles, predict_from_tiles, tiles_key
 from vitlab.sweep_driver import trial_predicts_test
 
 TINY = {"img_size": 32, "depth": 1}

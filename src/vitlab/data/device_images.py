@@ -75,8 +75,8 @@ class _Plan:
 
 
 def _plan(box: torch.Tensor, size: int, how: str) -> _Plan:
-    """`stages.predict.fit_tile`'s rule for one (3, h, w) box: center_crop (largest centred
-    square), resize (squeezed), pad (fitted inside, mean-colour bars)."""
+    """`pipelines.plantclef.predict.fit_tile`'s rule for one (3, h, w) box: center_crop
+    (largest centred square), resize (squeezed), pad (fitted inside, mean-colour bars)."""
     _, height, width = box.shape
     if how == "center_crop":
         side = min(width, height)
@@ -92,9 +92,10 @@ def _plan(box: torch.Tensor, size: int, how: str) -> _Plan:
 def fit_tiles(
     boxes: Sequence[torch.Tensor], size: int, how: str, fill: tuple[int, int, int]
 ) -> list[torch.Tensor]:
-    """(3, h, w) uint8 boxes -> (3, size, size) uint8 tiles, as `stages.predict.fit_tile` does
-    on the CPU. Boxes whose crops share a shape (a grid's, across quadrats of one size) are
-    resized in one call: a few kernels per group of quadrats, not several per tile."""
+    """(3, h, w) uint8 boxes -> (3, size, size) uint8 tiles, as
+    `pipelines.plantclef.predict.fit_tile` does on the CPU. Boxes whose crops share a shape (a
+    grid's, across quadrats of one size) are resized in one call: a few kernels per group of
+    quadrats, not several per tile."""
     plans = [_plan(box, size, how) for box in boxes]
     groups: dict[tuple, list[int]] = {}
     for i, plan in enumerate(plans):
@@ -116,7 +117,8 @@ def fit_tiles(
 
 
 def fit_tile(chw: torch.Tensor, size: int, how: str, fill: tuple[int, int, int]) -> torch.Tensor:
-    """One (3, h, w) box -> (3, size, size), as `stages.predict.fit_tile` does on the CPU."""
+    """One (3, h, w) box -> (3, size, size), as `pipelines.plantclef.predict.fit_tile` does on
+    the CPU."""
     return fit_tiles([chw], size, how, fill)[0]
 
 

@@ -5,8 +5,9 @@
     groupvit      train           GroupViT fine-tuning on captions
     segmentation  infer           GroupViT zero-shot segmentation, mIoU
 
-Each module defines `PIPELINE` (a `base.Pipeline`); they are imported on first use, so
-`python train.py` for one pipeline does not import the others' dependencies.
+Each module (plantclef: a package, with its own stages) defines `PIPELINE` (a
+`base.Pipeline`); they are imported on first use, so `python train.py` for one pipeline does
+not import the others' dependencies.
 """
 
 from __future__ import annotations

@@ -57,21 +57,28 @@ from vitlab.pipelines.base import (
     place_backbone,
     run_compute,
 )
-from vitlab.safe_load import distrusted, load_checkpoint_file, load_lightning_module
-from vitlab.stages.collages import CollageParams, build_collages
-from vitlab.stages.embed import forward_batch_size
-from vitlab.stages.fit import LOADERS, fit_head, load_splits, read_label_map, write_label_map
-from vitlab.stages.fit_multilabel import load_collage_splits
-from vitlab.stages.predict import (
+from vitlab.pipelines.plantclef.collages import CollageParams, build_collages
+from vitlab.pipelines.plantclef.fit import (
+    LOADERS,
+    fit_head,
+    load_splits,
+    read_label_map,
+    write_label_map,
+)
+from vitlab.pipelines.plantclef.fit_multilabel import load_collage_splits
+from vitlab.pipelines.plantclef.predict import (
     TILE_FITS,
     BackboneClassifierPredictor,
     EmbeddingHeadPredictor,
     Predictor,
     predict_quadrats,
 )
-from vitlab.stages.prepare import PrepareParams, prepare_training_images
-from vitlab.stages.score import per_plot_rows, plot_per_species_f1
-from vitlab.stages.tiles import embed_test_tiles, predict_from_tiles
+from vitlab.pipelines.plantclef.prepare import prepare_training_images
+from vitlab.pipelines.plantclef.score import per_plot_rows, plot_per_species_f1
+from vitlab.pipelines.plantclef.tiles import embed_test_tiles, predict_from_tiles
+from vitlab.safe_load import distrusted, load_checkpoint_file, load_lightning_module
+from vitlab.stages.embed import forward_batch_size
+from vitlab.stages.prepare import PrepareParams
 from vitlab.tasks.classification import EmbeddingClassifier
 from vitlab.tracking import WANDB_MODES, write_json
 
@@ -359,6 +366,8 @@ def _fit(
         record_decision(Path(result.best_checkpoint), decision)
         result.module.decision = decision
         summary["decision"] = {k: v for k, v in decision.items() if k != "per_species"}
+        # the rule's per-plot F1 on validation pseudo-plots: a sweep objective without test data
+        summary.setdefault("metrics", {})["val_plots/f1"] = decision["global_val_f1"]
         log.info("thresholds chosen on validation data: %s", summary["decision"])
     summary["best_checkpoint"] = str(result.best_checkpoint)
     summary["fit_metrics"] = result.metrics

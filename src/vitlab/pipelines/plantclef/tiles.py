@@ -36,6 +36,15 @@ from vitlab.data.shards import ShardedStage, arrow_to_embeddings, embeddings_to_
 from vitlab.devices import CPU, Compute
 from vitlab.engines.local import LocalEngine
 from vitlab.models.backbones import Backbone
+from vitlab.pipelines.plantclef.predict import (
+    PredictionResult,
+    QuadratTiles,
+    Strategy,
+    check_tile_fit,
+    cut_tiles,
+    head_probabilities,
+    mean_colour,
+)
 from vitlab.stages.embed import (
     FeatureReducer,
     LiveBackbone,
@@ -46,15 +55,6 @@ from vitlab.stages.embed import (
     loader_workers,
     stage_batch,
     synchronize_loader,
-)
-from vitlab.stages.predict import (
-    PredictionResult,
-    QuadratTiles,
-    Strategy,
-    check_tile_fit,
-    cut_tiles,
-    head_probabilities,
-    mean_colour,
 )
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings
 from vitlab.errors import ConfigError
-from vitlab.stages.fit import EmbeddingSplits
+from vitlab.pipelines.plantclef.fit import EmbeddingSplits
 
 log = logging.getLogger(__name__)
 
