@@ -11,11 +11,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 QUIET_THRESHOLD = 0.05  # others' share of the machine's CPU regarded as quiet
 _quiet_wait = 0.0  # seconds timed_with_noise waits (at most) for a quiet machine; set_quiet_wait
+
+
+def add_noise_arguments(parser: Any, quiet_wait: float = 30.0, timed: str = "run") -> None:
+    """The arguments every paired benchmark shares: `--seed` and `--quiet-wait`."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=quiet_wait,
+        help=f"before each timed {timed}, wait up to this many seconds for other processes to "
+        "leave the CPUs idle (0: do not wait)",
+    )
 
 
 def set_quiet_wait(seconds: float) -> None:

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 import torch
 from _machine import (
     QUIET_THRESHOLD,
+    add_noise_arguments,
     format_share,
     is_quiet,
     report_load,
@@ -649,20 +650,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where data and caches go (default: a temp dir, deleted after)",
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--encoding",
         choices=["jpeg", "raw"],
         default="jpeg",
         help="prepare.encoding of the prepared shards (raw: no decode; its disk cost is printed)",
     )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=30.0,
-        help="before each timed run, wait up to this many seconds for other processes to "
-        "leave the CPUs idle (0: do not wait)",
-    )
+    add_noise_arguments(parser)
     return parser.parse_args(argv)
 
 

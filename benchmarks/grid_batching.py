@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import format_share, report_load, set_quiet_wait, timed_with_noise
+from _machine import (
+    add_noise_arguments,
+    format_share,
+    report_load,
+    set_quiet_wait,
+    timed_with_noise,
+)
 
 from vitlab.data.plantclef import list_test_images
 from vitlab.data.synthetic.plantclef import (
@@ -145,14 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vitb-quadrats", type=int, default=4, help="quadrats for ViT-B/14")
     parser.add_argument("--vitb-repeats", type=int, default=1, help="repeats for ViT-B/14")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: temp dir, deleted")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=30.0,
-        help="before each timed run, wait up to this many seconds for other processes to "
-        "leave the CPUs idle (0: do not wait)",
-    )
+    add_noise_arguments(parser)
     return parser.parse_args(argv)
 
 

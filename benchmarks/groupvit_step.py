@@ -71,7 +71,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from _machine import format_share, is_quiet, report_load, timed_with_noise, wait_for_quiet
+from _machine import (
+    add_noise_arguments,
+    format_share,
+    is_quiet,
+    report_load,
+    timed_with_noise,
+    wait_for_quiet,
+)
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import GroupViTConfig, GroupViTModel
@@ -464,14 +471,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each setting")
     parser.add_argument("--high-res", type=int, default=384, help="the larger input size")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=10.0,
-        help="before each timed pair, wait up to this many seconds for other processes to "
-        "leave the CPUs idle (0: do not wait)",
-    )
+    add_noise_arguments(parser, quiet_wait=10.0, timed="pair")
     parser.add_argument(
         "--profile",
         choices=("auto", "always", "never"),
