@@ -16,7 +16,7 @@ from vitlab.inference.segmentation import SegmentationSettings
 from vitlab.losses import LOSS_INPUTS, LabelStats, build_loss
 from vitlab.losses.factory import loss_inputs
 from vitlab.pipelines import load
-from vitlab.pipelines.base import RENAMED_KEYS, begin
+from vitlab.pipelines.base import RENAMED_KEYS, prepare_run
 from vitlab.pipelines.segmentation import segmentation_settings
 from vitlab.sweep_driver import check_params
 
@@ -53,7 +53,7 @@ def _bg_threshold(tmp_path):
 def _task_group(tmp_path):
     cfg = compose_config("infer", ["task=segmentation", "dataset=synthetic_voc"], tmp_path)
     assert cfg.pipeline == "segmentation"
-    begin(cfg)
+    prepare_run(cfg)
 
 
 STILL_READ = {"loss.class_counts": _class_counts, "dataset.bg_threshold": _bg_threshold}
@@ -69,7 +69,7 @@ def test_every_entry_is_honoured(old, tmp_path):
         cfg = compose_config("train", [f"+{old}=1"], tmp_path)
         refused = rf"{re.escape(old)} was renamed: use {new}"
         with pytest.raises(ConfigError, match=refused):
-            begin(cfg)
+            prepare_run(cfg)
         params = {old: {"type": "float", "low": 0.0, "high": 1.0}}
         with pytest.raises(ConfigError, match=rf"sweep\.params\.{re.escape(old)}: {refused}"):
             check_params(params, lambda key: "sweep", lambda overrides: None)
@@ -87,7 +87,7 @@ def test_predict_center_crop_refused_by_plantclef_validate(tmp_path):
     with pytest.raises(
         ConfigError, match=r"predict\.center_crop was renamed: use predict\.tile_fit"
     ):
-        load("plantclef").validate(cfg)
+        load("plantclef").validate_train(cfg)
 
 
 def test_still_read_keys_keep_a_null_placeholder():

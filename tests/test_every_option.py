@@ -180,7 +180,7 @@ def test_option_runs_or_is_refused_before_any_stage(
         cfg.paths.cache_dir = str(shared["cache"])
     spec = load(pipeline)
     if (group, option) in SKIPPED:
-        spec.validate(cfg)
+        spec.validate_train(cfg)
         from vitlab.config import instantiate_node
 
         instantiate_node(cfg.engine, "engine")
@@ -215,7 +215,7 @@ def test_deprecated_class_counts_still_read(shared, tmp_path):
         "train", [*BASE["fungiclef"], "loss=seesaw", "loss.class_counts=train"], tmp_path
     )
     with pytest.warns(FutureWarning, match="loss.counts_from=train"):
-        load("fungiclef").validate(cfg)
+        load("fungiclef").validate_train(cfg)
 
 
 def test_groupvit_model_and_trainer_options_validate(tmp_path, offline_hub):
@@ -228,15 +228,15 @@ def test_groupvit_model_and_trainer_options_validate(tmp_path, offline_hub):
         )
         if OmegaConf.is_missing(cfg.groupvit.model, "source"):  # nvlabs: the file must be given
             with pytest.raises(ConfigError, match="groupvit.model.source is not set"):
-                spec.validate(cfg)
+                spec.validate_train(cfg)
         else:
-            spec.validate(cfg)  # weights are loaded when the run starts, not in validate
+            spec.validate_train(cfg)  # weights are loaded when the run starts, not in validate
     for option in options("trainer"):
         cfg = compose_config(
             "train", ["experiment=quickstart_groupvit", f"trainer={option}"], tmp_path
         )
         if option.startswith("gpu") and gpu_refusal(option):
             with pytest.raises(ConfigError, match=gpu_refusal(option)):
-                spec.validate(cfg)
+                spec.validate_train(cfg)
         else:
-            spec.validate(cfg)
+            spec.validate_train(cfg)

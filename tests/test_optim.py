@@ -115,7 +115,7 @@ def test_unknown_runtime_value_and_orphan_values_are_refused():
 def test_groupvit_schedule_values_with_another_scheduler_fail_before_any_stage(tmp_path):
     cfg = compose_config("train", ["experiment=quickstart_groupvit", "scheduler=none"], tmp_path)
     with pytest.raises(ConfigError, match="scheduler"):
-        load("groupvit").validate(cfg)
+        load("groupvit").validate_train(cfg)
 
 
 def test_plateau_follows_the_runs_actual_monitor():

@@ -72,13 +72,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runs_metrics(tiny_plantclef, 
 def test_resume_from_a_missing_file_or_in_fungiclef_is_refused_before_any_stage(tmp_path):
     cfg = compose_config("train", ["ckpt_path=/nonexistent/last.ckpt"], tmp_path)
     with pytest.raises(ConfigError, match="ckpt_path=/nonexistent/last.ckpt: no such"):
-        load("plantclef").validate(cfg)
+        load("plantclef").validate_train(cfg)
     (tmp_path / "x.ckpt").write_bytes(b"")
     fungi = compose_config(
         "train", ["experiment=quickstart_fungiclef", f"ckpt_path={tmp_path / 'x.ckpt'}"], tmp_path
     )
     with pytest.raises(ConfigError, match="cannot resume"):
-        load("fungiclef").validate(fungi)
+        load("fungiclef").validate_train(fungi)
 
 
 def test_a_file_that_is_not_a_training_checkpoint_is_refused_before_any_stage(tmp_path):
@@ -91,4 +91,4 @@ def test_a_file_that_is_not_a_training_checkpoint_is_refused_before_any_stage(tm
     for path, match in ((text, "not a checkpoint"), (weights, "not a Lightning training")):
         cfg = compose_config("train", [f"ckpt_path={path}"], tmp_path)
         with pytest.raises(ConfigError, match=match):
-            load("plantclef").validate(cfg)
+            load("plantclef").validate_train(cfg)

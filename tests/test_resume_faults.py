@@ -56,11 +56,11 @@ def test_a_checkpoint_of_another_dataset_is_refused_before_any_stage(tmp_path):
     )
     cfg = compose_config("train", [f"ckpt_path={checkpoint}"], tmp_path / "b")
     with pytest.raises(ConfigError, match=r"another dataset\.root \(/data/other_plots there"):
-        load("plantclef").validate(cfg)
+        load("plantclef").validate_train(cfg)
     same = compose_config(
         "train", [f"ckpt_path={checkpoint}", "dataset.root=/data/other_plots"], tmp_path / "c"
     )
-    load("plantclef").validate(same)  # the same settings resume
+    load("plantclef").validate_train(same)  # the same settings resume
 
 
 def test_a_checkpoint_with_another_backbone_is_refused_before_any_stage(tmp_path):
@@ -70,7 +70,7 @@ def test_a_checkpoint_with_another_backbone_is_refused_before_any_stage(tmp_path
     )
     cfg = compose_config("train", [f"ckpt_path={checkpoint}"], tmp_path)
     with pytest.raises(ConfigError, match=r"another backbone.model_kwargs.depth \(5 there, 4 here"):
-        load("plantclef").validate(cfg)
+        load("plantclef").validate_train(cfg)
 
 
 def test_a_foreign_lightning_checkpoint_is_refused_before_any_stage(tmp_path):
@@ -78,7 +78,7 @@ def test_a_foreign_lightning_checkpoint_is_refused_before_any_stage(tmp_path):
     torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"lr": 0.1}}, path)
     cfg = compose_config("train", [f"ckpt_path={path}"], tmp_path)
     with pytest.raises(ConfigError, match="not a PlantCLEF training checkpoint"):
-        load("plantclef").validate(cfg)
+        load("plantclef").validate_train(cfg)
 
 
 def test_mis_shaped_weights_are_named_before_the_fit():

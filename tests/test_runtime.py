@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import TINY_PLANTCLEF_RUN, compose_config
 from vitlab.errors import ConfigError
-from vitlab.pipelines.base import begin
+from vitlab.pipelines.base import prepare_run
 from vitlab.runtime import local_spark_master, resolve_threads
 
 
@@ -48,7 +48,7 @@ def test_threads_are_applied_before_any_stage_and_recorded(tiny_plantclef, tmp_p
             ],
             tmp_path,
         )
-        begin(cfg)
+        prepare_run(cfg)
         assert torch.get_num_threads() == 1
         assert cfg.engine.master == "local[1]"
         cfg.engine = compose_config("train", [], tmp_path).engine  # run it with the local engine
@@ -59,7 +59,7 @@ def test_threads_are_applied_before_any_stage_and_recorded(tiny_plantclef, tmp_p
     assert runtime["threads_setting"] == 1 and runtime["torch_threads"] == 1
     assert runtime["cores"] >= 1 and len(runtime["load_average"]) == 3
     with pytest.raises(ConfigError, match="runtime.threads"):
-        begin(compose_config("train", ["runtime.threads=0"], tmp_path))
+        prepare_run(compose_config("train", ["runtime.threads=0"], tmp_path))
 
 
 def test_the_thread_setting_caps_the_decode_pools():

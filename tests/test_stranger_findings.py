@@ -79,4 +79,4 @@ def test_unset_mandatory_keys_are_named_in_every_pipeline(config, overrides, key
     cfg = compose_config(config, ["logger=csv", *overrides], tmp_path)
     with pytest.raises(ConfigError, match=rf"{key} is not set \(\?\?\? in its config\): set"):
         pipeline = load(cfg.pipeline)
-        (pipeline.validate if config == "train" else pipeline.infer)(cfg)
+        (pipeline.validate_train if config == "train" else pipeline.infer)(cfg)

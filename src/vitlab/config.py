@@ -155,8 +155,9 @@ def check_config_targets(cfg: DictConfig) -> None:
 
 
 def guard_hydra_callbacks() -> None:
-    """Hydra builds `hydra.callbacks` itself, before the task function (and `begin`) runs: wrap
-    its `Callbacks` so their `_target_`s pass `check_targets` first; a refused one exits 2."""
+    """Hydra builds `hydra.callbacks` itself, before the task function (and `prepare_run`)
+    runs: wrap its `Callbacks` so their `_target_`s pass `check_targets` first; a refused one
+    exits 2."""
     from hydra._internal import callbacks as hydra_callbacks
 
     original = hydra_callbacks.Callbacks.__init__

@@ -3,7 +3,7 @@
 Every key a user may still write from an earlier version has ONE entry here: the old key, what
 replaces it, and the version the entry goes away in. What happens to the old key:
 - refused (`still_read=False`): the key is no longer read. A run given it stops with a
-  ConfigError naming the new key (`pipelines.base.begin`, a sweep's parameters in
+  ConfigError naming the new key (`pipelines.base.prepare_run`, a sweep's parameters in
   `sweep_driver.check_params`, PlantCLEF's `validate` for `predict.center_crop`). Hydra refuses
   an unknown key and suggests `+key=...`, which would add it unread: this names the new one.
 - still read (`still_read=True`): the old key keeps working with a FutureWarning naming the new
@@ -11,7 +11,7 @@ replaces it, and the version the entry goes away in. What happens to the old key
   (`loss.class_counts` in configs/loss/*.yaml, `dataset.bg_threshold` in the segmentation
   datasets' configs). `values` maps an old value to the new key's where they differ.
 - `group`: an older name of a config group (`task=segmentation` is `pipeline=segmentation`),
-  kept as configs/task/*.yaml and warned about by `begin`.
+  kept as configs/task/*.yaml and warned about by `prepare_run`.
 """
 
 from __future__ import annotations

@@ -25,10 +25,14 @@ from vitlab.config import (
     fill_runtime,
     instantiate_node,
     require_choice,
+    require_positive,
+    require_positive_or_auto,
+    require_set,
     set_extra_target_prefixes,
     to_container,
 )
 from vitlab.console import print_config
+from vitlab.data.missing_images import FRACTION_KEY, check_max_missing_fraction
 from vitlab.data.synthetic.markers import (
     ForeignFolderError,
     generate_once,
@@ -36,7 +40,7 @@ from vitlab.data.synthetic.markers import (
     require_claimable,
 )
 from vitlab.deprecations import refuse_renamed, renamed_keys, warn_deprecated_groups
-from vitlab.devices import Compute, compute_from_config, trainer_for_device
+from vitlab.devices import Compute, compute_from_config, require_accelerator, trainer_for_device
 from vitlab.errors import ConfigError
 from vitlab.quiet import quiet_known_noise
 from vitlab.runtime import apply_threads, local_spark_master, resolve_threads, runtime_record
@@ -133,13 +137,11 @@ def run_dir_of(cfg: DictConfig) -> Path:
 RENAMED_KEYS = renamed_keys()
 """Keys of earlier versions -> their place now, from the one table `vitlab.deprecations`
 (README: "Renamed keys"). Hydra refuses the old key and suggests `+key=...`, which would add it
-unread: `begin` names the new one instead."""
+unread: `prepare_run` names the new one instead."""
 
 
-def begin(cfg: DictConfig) -> None:
-    """What every pipeline does first, before validating: refuse renamed keys, warn about older
-    group names (`vitlab.deprecations`), and take the `_target_` allow-list's extra packages
-    from this run's config."""
+def prepare_run(cfg: DictConfig) -> None:
+    """Quiet logs; refuse old keys; set allow-list, fingerprint, threads; check targets, device."""
     quiet_known_noise()
     mask_log_handlers()  # a password in a URL (sweep.storage) is logged as ***
     refuse_renamed(cfg)
@@ -162,6 +164,61 @@ def begin(cfg: DictConfig) -> None:
 def run_compute(cfg: DictConfig) -> Compute:
     """Where this run's frozen forwards run (`runtime.device`, `embed.precision`)."""
     return compute_from_config(cfg)
+
+
+def validate_embedding_training(
+    cfg: DictConfig, resume_supported: bool = True
+) -> dict[str, Any] | None:
+    """The training checks every embedding pipeline (PlantCLEF, FungiCLEF) makes before any
+    work: the dataset and backbone set, `ckpt_path` (see `check_resume`), `fit.mode`, the head
+    and embed batch sizes, the trainer's accelerator, the missing-image fraction. Returns the
+    `ckpt_path` checkpoint (None without one) for the pipeline's own resume checks."""
+    require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
+    resumed = check_resume(cfg, supported=resume_supported)
+    require_choice(cfg, "fit.mode", ("min", "max"))
+    require_positive(cfg, "head.batch_size")
+    require_positive_or_auto(cfg, "embed.batch_size")
+    require_accelerator(cfg.get("trainer"))
+    check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
+    return resumed
+
+
+@dataclass(frozen=True)
+class EmbeddingComponents:
+    """What an embedding pipeline's training run builds before its first stage: where frozen
+    forwards run, the backbone (placed, frozen), the feature reducer and the engine."""
+
+    cfg: DictConfig
+    compute: Compute
+    backbone: Any
+    features: Any
+    engine: Any
+
+    def embed(self, prepared: Any) -> Any:
+        """The embed stage's work (cached) on prepared images: see `embed_training_images`."""
+        return embed_training_images(
+            self.cfg, prepared, self.backbone, self.features, self.engine, self.compute
+        )
+
+    def embed_and_record(self, run: RunContext, prepared: Any) -> Any:
+        """The run's `embed` stage on the prepared training images; records both stages'
+        `cache_keys` and prepare's `prepare_report` in the run's summary."""
+        with run.stage("embed"):
+            embedded = self.embed(prepared)
+        run.summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
+        run.summary["prepare_report"] = prepared.manifest.get("report", {})
+        return embedded
+
+
+def embedding_components(cfg: DictConfig) -> EmbeddingComponents:
+    """Seed the run (`seed`), then build its compute, backbone (once per process, placed on the
+    run's device), features and engine: the opening of every embedding pipeline's training."""
+    pl.seed_everything(cfg.seed, workers=True)
+    compute = run_compute(cfg)
+    backbone = place_backbone(build_backbone(cfg.backbone), compute)
+    features = instantiate_node(cfg.features, "features")
+    engine = instantiate_node(cfg.engine, "engine")
+    return EmbeddingComponents(cfg, compute, backbone, features, engine)
 
 
 def embed_training_images(
@@ -337,9 +394,18 @@ def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A pipeline's entry points; `train(cfg, callbacks)` / `infer(cfg)` return a RunSummary."""
+    """A pipeline's entry points; `train(cfg, callbacks)` / `infer(cfg)` return a RunSummary.
+    `validate_train` / `validate_infer` are the checks (no work) of `train` / `infer` (None
+    where the pipeline has no such entry); each entry point runs its own."""
 
     name: str
-    validate: Callable[[DictConfig], None]
     train: Callable[..., RunSummary] | None = None
     infer: Callable[[DictConfig], RunSummary] | None = None
+    validate_train: Callable[[DictConfig], None] | None = None
+    validate_infer: Callable[[DictConfig], None] | None = None
+
+    @property
+    def validate(self) -> Callable[[DictConfig], None] | None:
+        """The checks of the pipeline's first entry: `validate_train`, else `validate_infer`
+        (the one `validate` of earlier versions, kept for its callers)."""
+        return self.validate_train or self.validate_infer

@@ -26,11 +26,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from vitlab.cache import directory_fingerprint, file_sha256
 from vitlab.callbacks import trained_checkpoint
 from vitlab.config import (
-    instantiate_node,
     require_choice,
-    require_positive,
-    require_positive_or_auto,
-    require_set,
     to_container,
 )
 from vitlab.data.embedding_rows import Rows, RowsDataset, batch_loader
@@ -50,7 +46,6 @@ from vitlab.data.missing_images import (
 )
 from vitlab.data.shards import ShardedStage, arrow_to_embeddings
 from vitlab.data.synthetic.fungiclef import FungiSyntheticSpec, generate_fungiclef
-from vitlab.devices import require_accelerator
 from vitlab.errors import ConfigError, DatasetFormatError
 from vitlab.inference.fungiclef import (
     AVERAGES,
@@ -72,15 +67,12 @@ from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
     RunSummary,
-    begin,
-    build_backbone,
     build_trainer,
-    check_resume,
-    embed_training_images,
+    embedding_components,
     ensure_generated,
     numeric_metrics,
-    place_backbone,
-    run_compute,
+    prepare_run,
+    validate_embedding_training,
 )
 from vitlab.reports import embedding_map_png, per_class_f1, poison_confusion
 from vitlab.safe_load import load_lightning_module
@@ -106,15 +98,12 @@ def validation_matching_weights(
 
 
 def validate_fungiclef(cfg: DictConfig) -> None:
-    """Checks that need no work, naming the key and the allowed values."""
-    require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
+    """Checks that need no work, naming the key and the allowed values (the shared ones:
+    `validate_embedding_training`; FungiCLEF cannot resume a run)."""
+    validate_embedding_training(cfg, resume_supported=False)
     require_choice(cfg, "sampler", SAMPLERS)
-    check_resume(cfg, supported=False)
     require_choice(cfg, "ensemble.average", AVERAGES)
     require_choice(cfg, "ensemble.tune_track", TUNE_TRACKS)
-    require_choice(cfg, "fit.mode", ("min", "max"))
-    require_positive(cfg, "head.batch_size")
-    require_positive_or_auto(cfg, "embed.batch_size")
     check_optimization(cfg)
     threshold = OmegaConf.select(cfg, "ensemble.open_set_threshold")
     if threshold not in (None, "tune") and (
@@ -129,8 +118,6 @@ def validate_fungiclef(cfg: DictConfig) -> None:
         raise ConfigError(
             f"dataset.n_folds={n_folds!r} must be an integer >= 2 (the held-out third + folds)"
         )
-    check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
-    require_accelerator(cfg.get("trainer"))
     check_head_and_loss(cfg)
 
 
@@ -345,13 +332,9 @@ def _cache_key_parts(ds: DictConfig, with_test: bool) -> list[str]:
 def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
     """embed (cached) -> one head per fold -> ensemble -> open-set rule -> scores; `callbacks`
     join every fold's Trainer (sweep.py's pruning)."""
-    begin(cfg)
+    prepare_run(cfg)
     validate_fungiclef(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    compute = run_compute(cfg)
-    backbone = place_backbone(build_backbone(cfg.backbone), compute)
-    features = instantiate_node(cfg.features, "features")
-    engine = instantiate_node(cfg.engine, "engine")
+    parts = embedding_components(cfg)
     prepare_params = PrepareParams.from_config(cfg.prepare)
     ensure_fungi_dataset(cfg.dataset)
     listing = list_splits(cfg)
@@ -363,13 +346,10 @@ def train_fungiclef(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> R
                 key_parts,
                 cfg.paths.cache_dir,
                 prepare_params,
-                engine,
+                parts.engine,
                 listing.skipped_images(),
             )
-        with run.stage("embed"):
-            embedded = embed_training_images(cfg, prepared, backbone, features, engine, compute)
-        run.summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
-        run.summary["prepare_report"] = prepared.manifest.get("report", {})
+        embedded = parts.embed_and_record(run, prepared)
         data = load_fungi_data(cfg, run, listing, embedded)
         with run.stage("fit"):
             folds = fit_folds(cfg, run, data, callbacks)
@@ -775,4 +755,4 @@ def _log_views(
         tracker.log_image("embedding_map", image)
 
 
-PIPELINE = Pipeline("fungiclef", validate=validate_fungiclef, train=train_fungiclef)
+PIPELINE = Pipeline("fungiclef", train=train_fungiclef, validate_train=validate_fungiclef)

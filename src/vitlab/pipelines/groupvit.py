@@ -58,10 +58,10 @@ from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
     RunSummary,
-    begin,
     build_trainer,
     check_resume,
     ensure_generated,
+    prepare_run,
 )
 from vitlab.safe_load import fit_resumable
 from vitlab.tasks.groupvit import COMPONENTS, GroupViTFineTuner, LossWeights
@@ -206,7 +206,7 @@ class EpochCaptions(pl.Callback):
 
 
 def train_groupvit(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
-    begin(cfg)
+    prepare_run(cfg)
     validate_groupvit(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     gv = cfg.groupvit
@@ -267,4 +267,4 @@ def train_groupvit(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Ru
     return summary
 
 
-PIPELINE = Pipeline("groupvit", validate=validate_groupvit, train=train_groupvit)
+PIPELINE = Pipeline("groupvit", train=train_groupvit, validate_train=validate_groupvit)

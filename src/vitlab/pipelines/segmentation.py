@@ -45,7 +45,7 @@ from vitlab.models.groupvit.model import (
     GroupViT,
     resolve_logit_scale_max,
 )
-from vitlab.pipelines.base import Pipeline, RunContext, RunSummary, begin, numeric_metrics
+from vitlab.pipelines.base import Pipeline, RunContext, RunSummary, numeric_metrics, prepare_run
 from vitlab.tracking import MaskedImage, RunTracker
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def validate_segmentation(cfg: DictConfig) -> None:
 def evaluate_segmentation(cfg: DictConfig) -> RunSummary:
     """GroupViT zero-shot segmentation of a dataset, scored by mIoU (infer.py
     pipeline=segmentation)."""
-    begin(cfg)
+    prepare_run(cfg)
     validate_segmentation(cfg)
     spec = spec_from_config(cfg.dataset)
     settings = segmentation_settings(cfg.segmentation, spec)
@@ -251,4 +251,6 @@ def _report(scores: dict[str, Any], spec, run_dir: Path, tracker: RunTracker) ->
     tracker.log_metrics({"miou": float(scores["miou"]), "pixel_accuracy": scores["pixel_accuracy"]})
 
 
-PIPELINE = Pipeline("segmentation", validate=validate_segmentation, infer=evaluate_segmentation)
+PIPELINE = Pipeline(
+    "segmentation", infer=evaluate_segmentation, validate_infer=validate_segmentation
+)

@@ -36,7 +36,7 @@ from vitlab.data.plantclef import (
     write_submission,
 )
 from vitlab.data.synthetic.plantclef import PlantClefSyntheticSpec, generate_plantclef
-from vitlab.devices import CPU, Compute, require_accelerator
+from vitlab.devices import CPU, Compute
 from vitlab.errors import ConfigError
 from vitlab.losses import LabelStats, check_loss_input
 from vitlab.losses.factory import outputs_log_probs
@@ -47,15 +47,15 @@ from vitlab.pipelines.base import (
     Pipeline,
     RunContext,
     RunSummary,
-    begin,
     build_backbone,
     build_trainer,
-    check_resume,
-    embed_training_images,
+    embedding_components,
     ensure_generated,
     numeric_metrics,
     place_backbone,
+    prepare_run,
     run_compute,
+    validate_embedding_training,
 )
 from vitlab.pipelines.plantclef.collages import CollageParams, build_collages
 from vitlab.pipelines.plantclef.fit import (
@@ -87,18 +87,15 @@ PREDICTORS = ("head", "backbone_classifier")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need no work; components validate their own arguments on instantiation."""
-    require_set(cfg, "dataset.root", "backbone.name", "backbone.checkpoint_path")
+    """Checks that need no work (the shared ones: `validate_embedding_training`); components
+    validate their own arguments on instantiation."""
+    resumed = validate_embedding_training(cfg)
     require_choice(cfg, "predictor", PREDICTORS)
-    resumed = check_resume(cfg)
     if resumed is not None:
         check_resumed_run(cfg, resumed)
-    require_choice(cfg, "fit.mode", ("min", "max"))
     require_choice(cfg, "fit.loader", LOADERS)
-    require_positive(
-        cfg, "head.batch_size", "predict.quadrats_per_batch", "dataset.min_images_per_species"
-    )
-    require_positive_or_auto(cfg, "embed.batch_size", "predict.batch_size")
+    require_positive(cfg, "predict.quadrats_per_batch", "dataset.min_images_per_species")
+    require_positive_or_auto(cfg, "predict.batch_size")
     if cfg.logger and cfg.logger.get("wandb"):
         require_choice(cfg, "logger.wandb.mode", WANDB_MODES)
     seed = cfg.get("seed")
@@ -110,8 +107,6 @@ def validate(cfg: DictConfig) -> None:
         raise renamed_error("predict.center_crop")
     require_choice(cfg, "predict.tile_fit", TILE_FITS)
     require_choice(cfg, "predict.test", (True, False))
-    require_accelerator(cfg.get("trainer"))
-    check_max_missing_fraction(OmegaConf.select(cfg, FRACTION_KEY))
     strategy = instantiate_node(cfg.inference, "inference")
     collages = CollageParams.from_config(cfg.get("collages"))
     if collages.enabled and cfg.fit.loader != "memory":
@@ -242,19 +237,15 @@ def ensure_dataset(dataset: DictConfig) -> None:
 def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
     """(generate) -> prepare -> embed -> fit -> predict -> score; `callbacks` join the
     Trainer's (sweep.py's pruning)."""
-    begin(cfg)
+    prepare_run(cfg)
     validate(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    compute = run_compute(cfg)
-    backbone = place_backbone(build_backbone(cfg.backbone), compute)
-    features = instantiate_node(cfg.features, "features")
+    parts = embedding_components(cfg)
     strategy = instantiate_node(cfg.inference, "inference")
-    engine = instantiate_node(cfg.engine, "engine")
     prepare_params = PrepareParams.from_config(cfg.prepare)
     collage_params = CollageParams.from_config(cfg.get("collages"))
     classifier = None
     if cfg.predictor == "backbone_classifier":
-        classifier = BackboneClassifierPredictor(backbone)  # no class mapping: fails now
+        classifier = BackboneClassifierPredictor(parts.backbone)  # no class mapping: fails now
     ensure_dataset(cfg.dataset)
     # every input problem at once, before any work (folders, metadata, species filter, truth)
     checked = check_plantclef_dataset(cfg.dataset, training=cfg.predictor == "head")
@@ -272,15 +263,12 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
                     cfg.dataset.train_images_dir,
                     cfg.paths.cache_dir,
                     prepare_params,
-                    engine,
+                    parts.engine,
                     max_missing_fraction=check_max_missing_fraction(
                         OmegaConf.select(cfg, FRACTION_KEY)
                     ),
                 )
-            with run.stage("embed"):
-                embedded = embed_training_images(cfg, prepared, backbone, features, engine, compute)
-            summary["cache_keys"] = {"prepare": prepared.key, "embed": embedded.key}
-            summary["prepare_report"] = prepared.manifest.get("report", {})
+            embedded = parts.embed_and_record(run, prepared)
             collage_embeddings = None
             if collage_params.enabled:
                 with run.stage("collages"):
@@ -289,12 +277,10 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
                         cfg.paths.cache_dir,
                         collage_params,
                         prepare_params.image_size,
-                        engine,
+                        parts.engine,
                     )
                 with run.stage("embed_collages"):
-                    collage_embeddings = embed_training_images(
-                        cfg, collages, backbone, features, engine, compute
-                    )
+                    collage_embeddings = parts.embed(collages)
                 summary["cache_keys"]["collages"] = collages.key
                 summary["cache_keys"]["embed_collages"] = collage_embeddings.key
             with run.stage("fit"):
@@ -306,17 +292,17 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> RunSummary:
                         splits, collage_embeddings, collage_params.proportion, cfg.seed
                     )
                 summary["fit_data"] = splits.report
-                result = _fit(cfg, splits, backbone, features, run, callbacks, strategy)
+                result = _fit(cfg, splits, parts.backbone, parts.features, run, callbacks, strategy)
             predictor = EmbeddingHeadPredictor(
-                backbone,
-                features,
+                parts.backbone,
+                parts.features,
                 result.module.head,
                 result.module.species_ids,
                 result.module.multilabel,
             )
             strategy = with_decision(strategy, result.module, "the trained head")
         if cfg.predict.get("test", True):
-            _predict_and_score(cfg, predictor, strategy, test_images, run, engine)
+            _predict_and_score(cfg, predictor, strategy, test_images, run, parts.engine)
         else:
             summary["predict_report"] = {"skipped": "predict.test=false"}
             log.info("predict.test=false: the test set is not predicted (no submission)")
@@ -525,7 +511,7 @@ def _predict(
 def infer(cfg: DictConfig) -> RunSummary:
     """Predict (and score) with a trained checkpoint, or with the backbone's own classifier.
     The dataset is the checkpoint's run's unless the command line sets `dataset`."""
-    begin(cfg)
+    prepare_run(cfg)
     validate_infer(cfg)
     strategy = instantiate_node(cfg.inference, "inference")
     module, dataset = None, cfg.dataset
@@ -670,4 +656,6 @@ def check_label_overlap(species_ids: list[int] | None, truth_path: Any, cfg: Dic
         )
 
 
-PIPELINE = Pipeline("plantclef", validate=validate, train=train, infer=infer)
+PIPELINE = Pipeline(
+    "plantclef", train=train, infer=infer, validate_train=validate, validate_infer=validate_infer
+)
