@@ -126,7 +126,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/vitlab_multilabel_ablation"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/plantclef_multilabel_ablation"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = ablate(args.seeds, args.out.resolve())
