@@ -124,7 +124,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
     parser.add_argument("--out", type=Path, default=Path("outputs/plantclef_multilabel_ablation"))
     args = parser.parse_args()
