@@ -267,6 +267,13 @@ class LiveBackbone:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "backbone": None}
 
+    def __call__(
+        self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        """A shard task: the shard loaded in the background by the subclass's `load`, then
+        embedded by its `run` (the local engine calls them apart to overlap shards)."""
+        return self.run(self.load(shard_no, rows), progress)  # type: ignore[attr-defined]
+
     def live_backbone(self) -> Backbone:
         if self.backbone is not None:
             return self.backbone
@@ -323,11 +330,6 @@ class EmbedShardTask(LiveBackbone):
     batch_size: int
     backbone: Backbone | None = field(default=None, repr=False)  # the live one, in-process
     compute: Compute = CPU
-
-    def __call__(
-        self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
-    ) -> tuple[pa.Table, dict[str, Any]]:
-        return self.run(self.load(shard_no, rows), progress)
 
     def load(self, shard_no: int, rows: pd.DataFrame) -> Iterator[Any]:
         """The shard's table without its images, then its decoded batches, produced by a

@@ -105,11 +105,6 @@ class TileEmbedTask(LiveBackbone):
     backbone: Backbone | None = field(default=None, repr=False)
     compute: Compute = CPU
 
-    def __call__(
-        self, shard_no: int, rows: pd.DataFrame, progress: Callable[[int], Any] | None
-    ) -> tuple[pa.Table, dict[str, Any]]:
-        return self.run(self.load(shard_no, rows), progress)
-
     def load(self, shard_no: int, rows: pd.DataFrame) -> Iterator[Any]:
         """The shard's quadrat paths, then each quadrat's tiles, decoded and cut by a pool of
         loader threads a few quadrats ahead, in a background thread."""
